@@ -1,0 +1,1 @@
+"""Shared plumbing: config, Ray runtime, telemetry, CLI, job submission."""

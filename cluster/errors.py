@@ -1,0 +1,5 @@
+"""Errors a user can act on: the CLI prints them as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Bad input or state the user must change (a path, a config key, a name)."""

@@ -1,0 +1,1 @@
+"""Loaders, chunking, embedding and versioned Milvus knowledge stores."""

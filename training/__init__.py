@@ -1,0 +1,1 @@
+"""LoRA fine-tuning with Ray Train + DeepSpeed + PEFT, and the adapter registry."""
