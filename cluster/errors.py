@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input or state the user must change (a path, a config key, a name)."""
+
+
+class NotFound(UserError):
+    """A named thing (knowledge store, adapter version, record) does not exist."""

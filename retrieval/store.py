@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.errors import UserError
+from cluster.errors import NotFound, UserError
 from retrieval.chunking import Chunk
 from retrieval.filters import build_filter
 from retrieval.milvus_endpoint import MilvusAddress
@@ -39,6 +39,14 @@ class VersionInfo:
     created_at: int
     current: bool
     meta: dict
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    kb: str
+    collection: str  # the physical collection the alias resolved to for this search
+    kb_version: int
+    hits: list["Hit"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class KnowledgeStores:
         from pymilvus import MilvusClient
 
         self.client = MilvusClient(uri=address.uri, token=address.token or "")
+        self._loaded: set[str] = set()
 
     # -- reading ----------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -81,7 +90,7 @@ class KnowledgeStores:
         try:
             collection = self.client.describe_alias(name)["collection_name"]
         except Exception:
-            raise UserError(f"unknown knowledge store {name!r} (see `tunefetch kb list`)") from None
+            raise NotFound(f"unknown knowledge store {name!r} (see `tunefetch kb list`)") from None
         return collection, int(_VERSION_SUFFIX.match(collection).group("version"))
 
     def versions(self, name: str) -> list[VersionInfo]:
@@ -97,8 +106,9 @@ class KnowledgeStores:
             )
         return infos
 
-    def search(self, name: str, vector: np.ndarray, top_k: int, filters: dict | None = None) -> list[Hit]:
-        collection, _ = self.current(name)
+    def search(self, name: str, vector: np.ndarray, top_k: int, filters: dict | None = None) -> SearchResult:
+        collection, version = self.current(name)
+        self._ensure_loaded(collection)
         hits = self.client.search(
             collection,
             data=[np.asarray(vector, dtype=np.float32).tolist()],
@@ -107,7 +117,7 @@ class KnowledgeStores:
             output_fields=_OUTPUT_FIELDS,
             search_params=_SEARCH_PARAMS,
         )[0]
-        return [
+        return SearchResult(name, collection, version, [
             Hit(
                 chunk_id=str(h["chunk_id"]),
                 doc_id=h["entity"]["doc_id"],
@@ -119,7 +129,7 @@ class KnowledgeStores:
                 collection=collection,
             )
             for h in hits
-        ]
+        ])
 
     # -- writing ----------------------------------------------------------------------------
     def write_version(self, name: str, chunks: list[Chunk], vectors: np.ndarray, meta: dict | None = None) -> VersionInfo:
@@ -166,6 +176,14 @@ class KnowledgeStores:
             if m and m.group("name") == name:
                 numbers.append(int(m.group("version")))
         return sorted(numbers)
+
+    def _ensure_loaded(self, collection: str) -> None:
+        # A restarted Milvus (Lite or server) keeps collections released until someone loads them.
+        if collection in self._loaded:
+            return
+        if str(self.client.get_load_state(collection).get("state")) != "Loaded":
+            self.client.load_collection(collection)
+        self._loaded.add(collection)
 
     def _meta(self, collection: str) -> dict:
         props = self.client.describe_collection(collection).get("properties") or {}

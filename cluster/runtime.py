@@ -1,0 +1,35 @@
+"""Starting or joining the Ray cluster every tunefetch job runs on."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from cluster.config import TunefetchConfig
+
+# Process-level switches Ray reads at start-up, before any of its processes exist:
+# - a single-node Ray binds and advertises 127.0.0.1 instead of the host's interface, so all
+#   traffic of the demo and tests stays on loopback;
+# - no auth token file is written into the user's home directory.
+_LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@contextmanager
+def ray_runtime(config: TunefetchConfig):
+    """Connects to `ray.address` or starts a local Ray; shuts down only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if config.ray.address:
+        ray.init(address=config.ray.address, log_to_driver=True)
+    else:
+        for key, value in _LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 configure_logging=True, logging_level="WARNING", log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,54 @@
+"""Builds the Serve application from the one validated config.
+
+gateway (ingress, FastAPI) --handle--> retriever (embedder + Milvus client)
+                           --handle--> generator (vLLM engine, multi-LoRA)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import DeploymentOptions, TunefetchConfig
+from cluster.errors import UserError
+from retrieval.milvus_endpoint import MilvusAddress
+from serving.gateway import Gateway
+from serving.generator import Generator, engine_env
+from serving.retriever import Retriever
+from training.local_model import model_identity
+
+
+def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
+    serving = config.serving
+    model_path = Path(serving.engine.model or config.paths.local_model)
+    if not (model_path / "config.json").is_file():
+        raise UserError(f"serving.engine.model: no model at {model_path} (run `tunefetch demo` first or set the path)")
+    base_model = model_identity(model_path)
+    on_gpu = serving.generator.num_gpus > 0
+    generator = Generator.options(
+        **_options(serving.generator, runtime_env={"env_vars": engine_env(serving.engine, on_gpu)})
+    ).bind(config, str(model_path), base_model["id"])
+    retriever = Retriever.options(**_options(serving.retriever)).bind(config, milvus)
+    return Gateway.options(**_options(serving.gateway)).bind(config, retriever, generator, base_model)
+
+
+def _options(deployment: DeploymentOptions, runtime_env: dict | None = None) -> dict:
+    actor_options: dict = {"num_cpus": deployment.num_cpus}
+    if deployment.num_gpus:
+        actor_options["num_gpus"] = deployment.num_gpus
+    if runtime_env:
+        actor_options["runtime_env"] = runtime_env
+    return {
+        "num_replicas": deployment.num_replicas,
+        "max_ongoing_requests": deployment.max_ongoing_requests,
+        "ray_actor_options": actor_options,
+    }
+
+
+def run_app(config: TunefetchConfig, milvus: MilvusAddress) -> str:
+    """Deploys the app on the connected Ray cluster; returns the base URL once it answers."""
+    serve.start(http_options={"host": config.serving.host, "port": config.serving.port})
+    serve.run(build_app(config, milvus), name=config.serving.app_name, route_prefix="/")
+    return f"http://{config.serving.host}:{config.serving.port}"

@@ -1,0 +1,206 @@
+"""The ingress deployment: an OpenAI-compatible API in front of the retriever and generator.
+
+A request is a fixed sequence of explicit steps: resolve the model (base, adapter, exact
+version) -> retrieve (if asked) -> generate -> write provenance -> respond. Each step is a span
+of one trace, continued from the caller's `traceparent` and returned in the response header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from cluster.config import TunefetchConfig
+from cluster.errors import NotFound, UserError
+from cluster.telemetry import (extract_context, inject_context, setup_tracing, trace_id_of, traceparent_of,
+                               tracer)
+from serving.generator import AdapterRef, Generation
+from serving.prompts import TEMPLATE_VERSION, last_user_message, with_context
+from serving.protocol import (APIError, ChatCompletionRequest, Citation, CompletionRequest, completion_id,
+                              now)
+from serving.provenance import ProvenanceLog, new_provenance_id
+from training.registry import AdapterRegistry, AdapterVersion
+
+api = FastAPI(title="tunefetch", description="OpenAI-compatible API with retrieval, citations and provenance.")
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(_: Request, exc: RequestValidationError):
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"] if p != "body")
+    return JSONResponse(APIError(400, f"{where}: {err['msg']}" if where else err["msg"]).body(), status_code=400)
+
+
+def _as_api_error(exc: Exception) -> APIError:
+    """Errors raised in other replicas arrive wrapped; keep their status and message."""
+    if isinstance(exc, APIError) or hasattr(exc, "status") and hasattr(exc, "message"):
+        return APIError(exc.status, exc.message, getattr(exc, "type", "invalid_request_error"), getattr(exc, "code", None))
+    return APIError(500, f"internal error: {exc.__class__.__name__}", "server_error")
+
+
+def _citations(retrieved) -> list[dict]:
+    return [
+        Citation(index=i, doc_id=h.doc_id, chunk_id=h.chunk_id, source=h.source, section=h.section,
+                 kb=retrieved.kb, kb_version=h.kb_version, collection=h.collection, score=round(h.score, 6)).model_dump()
+        for i, h in enumerate(retrieved.hits, 1)
+    ]
+
+
+def _response_body(chat: bool, model: str, generation: Generation, citations, provenance_id: str) -> dict:
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(generation.texts, generation.finish_reasons))]
+    else:
+        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                   for i, (text, reason) in enumerate(zip(generation.texts, generation.finish_reasons))]
+    body = {
+        "id": completion_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": now(),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+                  "total_tokens": generation.prompt_tokens + generation.completion_tokens},
+        "provenance_id": provenance_id,
+    }
+    if citations is not None:
+        body["citations"] = citations
+    return body
+
+
+def _trace_header(span) -> dict:
+    value = traceparent_of(span)
+    return {"traceparent": value} if value else {}
+
+
+# Module helpers stay above: serve.ingress captures the class (and what it references) here.
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, config: TunefetchConfig, retriever, generator, base_model: dict):
+        setup_tracing(config.telemetry, "gateway")
+        self.retriever = retriever
+        self.generator = generator
+        self.base_model = base_model  # {"id", "sha256"}
+        self.registry = AdapterRegistry(config.paths.adapters)
+        self.provenance = ProvenanceLog(config.paths.provenance)
+        self.default_max_tokens = config.serving.default_max_tokens
+        self.tracer = tracer("tunefetch.gateway")
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self):
+        created = now()
+        data = [{"id": self.base_model["id"], "object": "model", "created": created, "owned_by": "tunefetch",
+                 "root": self.base_model["id"], "parent": None}]
+        for version in self.registry.all():
+            data.append({"id": version.ref, "object": "model", "created": int(version.metadata.get("created_at", created)),
+                         "owned_by": "tunefetch", "root": version.name, "parent": self.base_model["id"]})
+        for name in self.registry.names():
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "tunefetch",
+                         "root": self.registry.get(name).ref, "parent": self.base_model["id"]})
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        messages = [m.model_dump() for m in body.messages]
+        return await self._complete(body, request, {"messages": messages}, last_user_message(messages), chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        return await self._complete(body, request, {"text": body.prompt}, body.prompt, chat=False)
+
+    # -- the request pipeline ---------------------------------------------------------------
+    async def _complete(self, body, request: Request, prompt: dict, query: str, chat: bool):
+        if body.stream:
+            raise APIError(400, "stream: true is not supported yet", code="unsupported_parameter")
+        started = time.perf_counter()
+        context = extract_context(dict(request.headers))
+        with self.tracer.start_as_current_span("chat" if chat else "text_completion", context=context) as span:
+            span.set_attribute("gen_ai.operation.name", "chat" if chat else "text_completion")
+            span.set_attribute("gen_ai.request.model", body.model)
+            try:
+                adapter = self._resolve_model(body.model)
+                retrieved = await self._retrieve(body, query) if body.retrieval else None
+                if retrieved is not None:
+                    prompt = self._with_context(prompt, retrieved, chat)
+                generation = await self._generate(body, prompt, adapter)
+            except Exception as exc:  # noqa: BLE001 - every failure answers in the OpenAI shape
+                error = _as_api_error(exc)
+                span.set_attribute("error.type", error.type)
+                return JSONResponse(error.body(), status_code=error.status,
+                                    headers=_trace_header(span))
+            answered_by = adapter.ref if adapter else self.base_model["id"]
+            span.set_attribute("tunefetch.adapter.version", adapter.ref if adapter else "")
+            span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
+            citations = _citations(retrieved) if retrieved is not None else None
+            provenance_id = new_provenance_id()
+            self.provenance.append(self._record(provenance_id, span, body, adapter, retrieved, generation, started))
+            response = _response_body(chat, answered_by, generation, citations, provenance_id)
+            return JSONResponse(response, headers=_trace_header(span))
+
+    def _resolve_model(self, model: str) -> AdapterVersion | None:
+        if model == self.base_model["id"]:
+            return None
+        with self.tracer.start_as_current_span("resolve_model") as span:
+            try:
+                version = self.registry.get(model)
+            except UserError as exc:
+                raise APIError(404, f"model {model!r} does not exist ({exc})", code="model_not_found") from None
+            span.set_attribute("tunefetch.adapter.name", version.name)
+            span.set_attribute("tunefetch.adapter.version", version.ref)
+            span.set_attribute("tunefetch.adapter.hash", version.content_hash)
+            return version
+
+    async def _retrieve(self, body, query: str):
+        options = body.retrieval
+        return await self.retriever.retrieve.remote(options.kb, query, options.top_k, options.filters, inject_context())
+
+    def _with_context(self, prompt: dict, retrieved, chat: bool) -> dict:
+        passages = [hit.text for hit in retrieved.hits]
+        if chat:
+            return {"messages": with_context(prompt["messages"], passages)}
+        context = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1))
+        return {"text": f"Context:\n{context}\n\n{prompt['text']}"}
+
+    async def _generate(self, body, prompt: dict, adapter: AdapterVersion | None) -> Generation:
+        params = {"max_tokens": body.max_tokens or self.default_max_tokens, "temperature": body.temperature,
+                  "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "n": body.n}
+        ref = AdapterRef(adapter.ref, str(adapter.path)) if adapter else None
+        return await self.generator.generate.remote(prompt, params, ref, inject_context())
+
+    def _record(self, provenance_id, span, body, adapter, retrieved, generation: Generation, started) -> dict:
+        return {
+            "provenance_id": provenance_id,
+            "request_id": provenance_id.removeprefix("prov-"),
+            "trace_id": trace_id_of(span),
+            "time": time.time(),
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            "requested_model": body.model,
+            "base_model": self.base_model,
+            "adapter": {"ref": adapter.ref, "content_hash": adapter.content_hash,
+                        "run_id": adapter.metadata.get("run_id")} if adapter else None,
+            "canary_arm": None,
+            "retrieval": None if retrieved is None else {
+                "kb": retrieved.kb, "collection": retrieved.collection, "kb_version": retrieved.kb_version,
+                "chunks": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "kb_version": h.kb_version,
+                            "score": round(h.score, 6)} for h in retrieved.hits],
+            },
+            "prompt_template": TEMPLATE_VERSION if retrieved is not None else None,
+            "output_hash": hashlib.sha256("\x1e".join(generation.texts).encode()).hexdigest(),
+            "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens},
+        }

@@ -1,0 +1,128 @@
+"""The generator deployment: one vLLM engine serving the base model and many LoRA adapters.
+
+Adapters arrive as immutable registry versions (`NAME@vN` + path) with each request and load
+on demand (vLLM keeps `max_loras` on the device and evicts least-recently-used). Each version
+gets its own LoRA id for the life of the replica, so an id never points at other weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from dataclasses import dataclass
+
+from ray import serve
+
+from cluster.config import EngineConfig, TunefetchConfig
+from cluster.telemetry import extract_context, setup_tracing, tracer
+from serving.protocol import APIError
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    ref: str  # NAME@vN
+    path: str
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    finish_reasons: list[str | None]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def engine_env(engine: EngineConfig, on_gpu: bool) -> dict[str, str]:
+    """Environment vLLM reads at engine start, for the replica's runtime_env."""
+    # In-process engine core ("uni"): on a few cores the replica, engine core and worker
+    # processes would otherwise fight for CPUs (~30 % less throughput, 10 s slower start).
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not on_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
+    return env
+
+
+@serve.deployment
+class Generator:
+    def __init__(self, config: TunefetchConfig, model_path: str, served_model_name: str):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        setup_tracing(config.telemetry, "generator")
+        engine = config.serving.engine
+        self.model_name = served_model_name
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=model_path,
+            served_model_name=served_model_name,
+            dtype=engine.dtype,
+            max_model_len=engine.max_model_len,
+            max_num_seqs=engine.max_num_seqs,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            enable_lora=True,
+            max_loras=engine.max_loras,
+            max_lora_rank=engine.max_lora_rank,
+            max_cpu_loras=engine.max_cpu_loras,
+            distributed_executor_backend="uni" if engine.tensor_parallel_size == 1 else None,
+            seed=engine.seed,
+        ))
+        self.tokenizer = self.engine.get_tokenizer()
+        self.max_model_len = engine.max_model_len
+        self._lora_ids: dict[str, int] = {}
+        self._next_lora_id = itertools.count(1)
+
+    def _lora_request(self, adapter: AdapterRef | None):
+        from vllm.lora.request import LoRARequest
+
+        if adapter is None:
+            return None
+        if adapter.ref not in self._lora_ids:
+            self._lora_ids[adapter.ref] = next(self._next_lora_id)
+        return LoRARequest(adapter.ref, self._lora_ids[adapter.ref], adapter.path)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+    async def generate(self, prompt: dict, params: dict, adapter: AdapterRef | None, trace: dict) -> Generation:
+        """prompt: {"messages": [...]} (chat template applied here) or {"text": "..."}."""
+        from vllm import SamplingParams
+
+        with tracer("tunefetch.generator").start_as_current_span("generate", context=extract_context(trace)) as span:
+            ids = self.render_chat(prompt["messages"]) if "messages" in prompt else self.tokenizer.encode(prompt["text"])
+            max_tokens = params["max_tokens"]
+            if len(ids) + max_tokens > self.max_model_len:
+                raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                    f"model's context length {self.max_model_len}", code="context_length_exceeded")
+            sampling = SamplingParams(
+                n=params["n"], max_tokens=max_tokens, temperature=params["temperature"], top_p=params["top_p"],
+                stop=params["stop"], seed=params["seed"],
+            )
+            span.set_attribute("gen_ai.operation.name", "chat" if "messages" in prompt else "text_completion")
+            span.set_attribute("gen_ai.request.model", adapter.ref if adapter else self.model_name)
+            span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+            final = None
+            async for output in self.engine.generate(
+                {"prompt_token_ids": ids}, sampling, uuid.uuid4().hex, lora_request=self._lora_request(adapter)
+            ):
+                final = output
+            completions = sorted(final.outputs, key=lambda o: o.index)
+            result = Generation(
+                texts=[o.text for o in completions],
+                finish_reasons=[o.finish_reason for o in completions],
+                prompt_tokens=len(ids),
+                completion_tokens=sum(len(o.token_ids) for o in completions),
+            )
+            span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+            return result
+
+    def check_health(self) -> None:
+        if self.engine.errored:
+            raise RuntimeError("vLLM engine errored")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None and os.getpid():
+            engine.shutdown()

@@ -1,0 +1,42 @@
+"""The retriever deployment: the embedder and the Milvus client, shared by all gateway replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from cluster.config import TunefetchConfig
+from cluster.errors import NotFound, UserError
+from cluster.telemetry import extract_context, setup_tracing, tracer
+from retrieval.embedding import Embedder
+from retrieval.milvus_endpoint import MilvusAddress
+from retrieval.store import KnowledgeStores, SearchResult
+from serving.protocol import APIError
+
+
+@serve.deployment
+class Retriever:
+    def __init__(self, config: TunefetchConfig, milvus: MilvusAddress):
+        setup_tracing(config.telemetry, "retriever")
+        self.embedder = Embedder()
+        self.stores = KnowledgeStores(milvus)
+        self.default_top_k = config.retrieval.top_k
+
+    async def retrieve(self, kb: str, query: str, top_k: int | None, filters: dict | None, trace: dict) -> SearchResult:
+        top_k = top_k or self.default_top_k
+        with tracer("tunefetch.retriever").start_as_current_span("retrieve", context=extract_context(trace)) as span:
+            span.set_attribute("gen_ai.operation.name", "retrieval")
+            span.set_attribute("gen_ai.data_source.id", kb)
+            span.set_attribute("gen_ai.retrieval.top_k", top_k)
+            with tracer("tunefetch.retriever").start_as_current_span("embed"):
+                vector = (await asyncio.to_thread(self.embedder.encode, [query]))[0]
+            with tracer("tunefetch.retriever").start_as_current_span("search") as search:
+                try:
+                    result = await asyncio.to_thread(self.stores.search, kb, vector, top_k, filters)
+                except UserError as exc:
+                    raise APIError(404 if isinstance(exc, NotFound) else 400, str(exc)) from None
+                search.set_attribute("tunefetch.kb.collection", result.collection)
+                search.set_attribute("tunefetch.kb.version", result.kb_version)
+                search.set_attribute("tunefetch.retrieval.hits", len(result.hits))
+            return result

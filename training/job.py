@@ -1,0 +1,71 @@
+"""Driver side of a training run: Ray Train TorchTrainer -> adapter registry."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from cluster.config import TunefetchConfig
+from cluster.errors import UserError
+from cluster.telemetry import trace_id_of, tracer
+from training.config import TrainConfig
+from training.datasets import dataset_fingerprint, read_rows
+from training.local_model import model_identity
+from training.recipe import train_loop_per_worker
+from training.registry import AdapterRegistry, AdapterVersion
+
+
+def run_training(train: TrainConfig, config: TunefetchConfig,
+                 progress: Callable[[str], None] = print) -> AdapterVersion:
+    """Runs one fine-tuning job on the current Ray cluster and registers its adapter."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    base_model = Path(train.base_model or config.paths.local_model)
+    if not (base_model / "config.json").is_file():
+        raise UserError(f"base model not found: {base_model} (run `tunefetch demo` or set base_model)")
+    rows = sum(len(read_rows(spec.path, spec.format)) for spec in train.datasets)  # validates every row
+    run_id = f"{train.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    scaling = train.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": train.model_dump(mode="json"), "base_model": str(base_model)},
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_id,
+            storage_path=str(config.paths.runs),
+            failure_config=FailureConfig(max_failures=0),
+            # DeepSpeed JIT-builds ops with ninja/g++: the workers need this venv's bin on PATH.
+            worker_runtime_env={"env_vars": {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}},
+        ),
+    )
+    progress(f"training {train.name}: {rows} rows, {scaling.num_workers} workers, ZeRO-{train.deepspeed.zero_stage} (run {run_id})")
+    with tracer("tunefetch.training").start_as_current_span("train") as span:
+        span.set_attribute("tunefetch.adapter.name", train.name)
+        span.set_attribute("tunefetch.training.run_id", run_id)
+        result = trainer.fit()
+        if result.error:
+            raise RuntimeError(f"training run {run_id} failed: {result.error}")
+        metadata = {
+            "base_model": {**model_identity(base_model), "path": str(base_model)},
+            "dataset": {"sha256": dataset_fingerprint([s.path for s in train.datasets]), "rows": rows,
+                        "paths": [str(s.path) for s in train.datasets]},
+            "config": train.model_dump(mode="json"),
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "run_id": run_id,
+            "trace_id": trace_id_of(span),
+            "created_at": time.time(),
+        }
+        with result.checkpoint.as_directory() as adapter_dir:
+            version = AdapterRegistry(config.paths.adapters).register(train.name, Path(adapter_dir), metadata)
+        span.set_attribute("tunefetch.adapter.version", version.ref)
+    return version

@@ -1,0 +1,205 @@
+"""The LoRA fine-tuning recipe that runs on every Ray Train worker, read top to bottom:
+setup (tokenizer, data, model + LoRA, DeepSpeed engine) -> train loop (with eval) -> save.
+
+DeepSpeed reuses the gloo/NCCL process group Ray Train created; the same code runs on CPU
+workers (fp32, gloo) and GPU workers (bf16, NCCL) by config alone.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from training.config import TrainConfig
+from training.datasets import collate, read_rows, tokenize
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point: `loop_config` holds the TrainConfig and the base model path."""
+    LoraFinetuneRecipe(TrainConfig.model_validate(loop_config["train"]), loop_config["base_model"]).run()
+
+
+class LoraFinetuneRecipe:
+    def __init__(self, config: TrainConfig, base_model: str):
+        import ray.train
+
+        self.config = config
+        self.base_model = base_model
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+
+    def run(self) -> None:
+        self.setup()
+        metrics = self.train()
+        self.save(metrics)
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import deepspeed
+        import torch
+        from transformers import AutoTokenizer
+
+        torch.manual_seed(self.config.seed)
+        random.seed(self.config.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if self.config.scaling.use_gpu else "gloo",
+                                   dist_init_required=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        self.train_examples, self.eval_examples = self._load_examples()
+        self.steps_per_epoch = math.ceil(
+            len(self.train_examples) / (self.config.batch_size * self.world_size * self.config.gradient_accumulation)
+        )
+        self.total_steps = self.config.max_steps or self.steps_per_epoch * self.config.epochs
+        self.engine = self._build_engine()
+
+    def _load_examples(self):
+        rows = [r for spec in self.config.datasets for r in read_rows(spec.path, spec.format)]
+        examples = [tokenize(r, self.tokenizer, self.config.max_seq_length) for r in rows]
+        random.Random(self.config.seed).shuffle(examples)  # same split on every worker
+        n_eval = int(len(examples) * self.config.eval.split)
+        return examples[n_eval:], examples[:n_eval]
+
+    def _build_engine(self):
+        import deepspeed
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=dtype)
+        lora = self.config.lora
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        ))
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self._deepspeed_config(),
+            lr_scheduler=self._scheduler,
+        )
+        return engine
+
+    def _deepspeed_config(self) -> dict:
+        c = self.config
+        zero = {"stage": c.deepspeed.zero_stage}
+        if c.deepspeed.zero_stage == 3:
+            zero["stage3_param_persistence_threshold"] = c.deepspeed.stage3_param_persistence_threshold
+        if c.deepspeed.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": c.batch_size,
+            "gradient_accumulation_steps": c.gradient_accumulation,
+            # torch_adam: DeepSpeed's FusedAdam would JIT-compile (~50 s) and is CUDA-only anyway.
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": c.optimizer.lr, "betas": list(c.optimizer.betas),
+                "weight_decay": c.optimizer.weight_decay, "torch_adam": not c.scaling.use_gpu}},
+            "gradient_clipping": c.optimizer.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": c.precision == "bf16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def _scheduler(self, optimizer):
+        import torch
+
+        warmup, total, kind = self.config.schedule.warmup_steps, self.total_steps, self.config.schedule.type
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            if kind == "linear":
+                return max(0.0, 1.0 - progress)
+            if kind == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # -- train ------------------------------------------------------------------------------
+    def _batches(self, examples, epoch: int):
+        """This worker's micro-batches: a seeded shuffle per epoch, strided over workers."""
+        order = list(range(len(examples)))
+        random.Random(self.config.seed + epoch).shuffle(order)
+        mine = order[self.rank::self.world_size]
+        size = self.config.batch_size
+        for i in range(0, len(mine) - size + 1 if len(mine) >= size else 1, size):
+            yield collate([examples[j] for j in mine[i:i + size]], self.tokenizer.pad_token_id)
+
+    def train(self) -> dict:
+        c = self.config
+        step, tokens, started = 0, 0, time.perf_counter()
+        losses: list[float] = []
+        self.engine.train()
+        for epoch in range(math.ceil(self.total_steps / max(1, self.steps_per_epoch))):
+            for batch in self._batches(self.train_examples, epoch):
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                tokens += int(batch["attention_mask"].sum())
+                if not self.engine.is_gradient_accumulation_boundary():
+                    continue
+                step += 1
+                losses.append(float(loss.detach()))
+                if self.rank == 0 and (step % c.log_every_steps == 0 or step == self.total_steps):
+                    rate = tokens * self.world_size / (time.perf_counter() - started)
+                    print(f"[tunefetch] step {step}/{self.total_steps} loss {losses[-1]:.4f} "
+                          f"lr {self.engine.get_lr()[0]:.2e} tokens/s {rate:.0f}", flush=True)
+                if c.eval.every_steps and step % c.eval.every_steps == 0:
+                    self._log_eval(step)
+                if step >= self.total_steps:
+                    break
+            if step >= self.total_steps:
+                break
+        elapsed = time.perf_counter() - started
+        metrics = {"train_loss": losses[-1] if losses else float("nan"), "steps": step,
+                   "train_tokens_per_s": tokens * self.world_size / elapsed, "train_seconds": elapsed}
+        eval_loss = self.evaluate()
+        if eval_loss is not None:
+            metrics["eval_loss"] = eval_loss
+        return metrics
+
+    def _log_eval(self, step: int) -> None:
+        loss = self.evaluate()
+        if loss is not None and self.rank == 0:
+            print(f"[tunefetch] step {step} eval_loss {loss:.4f}", flush=True)
+
+    def evaluate(self) -> float | None:
+        """Mean eval loss over the held-out split, averaged across workers."""
+        import torch
+        import torch.distributed as dist
+
+        if not self.eval_examples:
+            return None
+        self.engine.eval()
+        total = torch.zeros(2)
+        with torch.no_grad():
+            for i in range(self.rank, len(self.eval_examples), self.world_size):
+                batch = collate([self.eval_examples[i]], self.tokenizer.pad_token_id)
+                total += torch.tensor([float(self.engine(**batch).loss), 1.0])
+        dist.all_reduce(total)
+        self.engine.train()
+        return float(total[0] / total[1])
+
+    # -- save -------------------------------------------------------------------------------
+    def save(self, metrics: dict) -> None:
+        """Gathers the LoRA weights (sharded under ZeRO-3) and reports them as the checkpoint."""
+        import deepspeed
+        import ray.train
+        import torch.distributed as dist
+
+        model = self.engine.module
+        lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+        with tempfile.TemporaryDirectory() as tmp:
+            # Every rank must enter: gathering is a collective. Without it ZeRO-3 saves empty tensors.
+            with deepspeed.zero.GatheredParameters(lora_params, enabled=self.config.deepspeed.zero_stage == 3):
+                if self.rank == 0:
+                    model.save_pretrained(tmp, safe_serialization=True)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+        dist.barrier()
