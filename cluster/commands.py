@@ -92,9 +92,10 @@ def cmd_train(args: Namespace, config: TunefetchConfig) -> int:
     from cluster.runtime import ray_runtime
     from cluster.telemetry import setup_tracing, shutdown_tracing
     from training.config import load_train_config
-    from training.job import run_training
+    from training.job import check_inputs, run_training
 
     train = load_train_config(args.train_config)
+    check_inputs(train, config)  # fail fast, before starting Ray
     setup_tracing(config.telemetry, "training")
     try:
         with ray_runtime(config):
@@ -139,9 +140,10 @@ def cmd_serve(args: Namespace, config: TunefetchConfig) -> int:
 
     from cluster.runtime import ray_runtime
     from retrieval.milvus_endpoint import milvus_endpoint
-    from serving.app import run_app
+    from serving.app import base_model_path, run_app
 
     config = _with_port(config, args.port)
+    base_model_path(config)  # fail fast, before starting Ray
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

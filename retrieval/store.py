@@ -87,10 +87,10 @@ class KnowledgeStores:
     def current(self, name: str) -> tuple[str, int]:
         """(physical collection, version) the alias points at now."""
         validate_name(name)
-        try:
-            collection = self.client.describe_alias(name)["collection_name"]
-        except Exception:
-            raise NotFound(f"unknown knowledge store {name!r} (see `tunefetch kb list`)") from None
+        # Ask before describing: pymilvus logs a traceback for every failed RPC.
+        if name not in self.client.list_aliases().get("aliases", []):
+            raise NotFound(f"unknown knowledge store {name!r} (see `tunefetch kb list`)")
+        collection = self.client.describe_alias(name)["collection_name"]
         return collection, int(_VERSION_SUFFIX.match(collection).group("version"))
 
     def versions(self, name: str) -> list[VersionInfo]:

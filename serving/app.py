@@ -22,9 +22,7 @@ from training.local_model import model_identity
 
 def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
     serving = config.serving
-    model_path = Path(serving.engine.model or config.paths.local_model)
-    if not (model_path / "config.json").is_file():
-        raise UserError(f"serving.engine.model: no model at {model_path} (run `tunefetch demo` first or set the path)")
+    model_path = base_model_path(config)
     base_model = model_identity(model_path)
     on_gpu = serving.generator.num_gpus > 0
     generator = Generator.options(
@@ -32,6 +30,13 @@ def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
     ).bind(config, str(model_path), base_model["id"])
     retriever = Retriever.options(**_options(serving.retriever)).bind(config, milvus)
     return Gateway.options(**_options(serving.gateway)).bind(config, retriever, generator, base_model)
+
+
+def base_model_path(config: TunefetchConfig) -> Path:
+    path = Path(config.serving.engine.model or config.paths.local_model)
+    if not (path / "config.json").is_file():
+        raise UserError(f"serving.engine.model: no model at {path} (run `tunefetch demo` first or set the path)")
+    return path
 
 
 def _options(deployment: DeploymentOptions, runtime_env: dict | None = None) -> dict:

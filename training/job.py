@@ -19,16 +19,22 @@ from training.recipe import train_loop_per_worker
 from training.registry import AdapterRegistry, AdapterVersion
 
 
+def check_inputs(train: TrainConfig, config: TunefetchConfig) -> tuple[Path, int]:
+    """Validates every dataset row and the base model before any cluster work; (model, rows)."""
+    rows = sum(len(read_rows(spec.path, spec.format)) for spec in train.datasets)
+    base_model = Path(train.base_model or config.paths.local_model)
+    if not (base_model / "config.json").is_file():
+        raise UserError(f"base model not found: {base_model} (run `tunefetch demo` or set base_model)")
+    return base_model, rows
+
+
 def run_training(train: TrainConfig, config: TunefetchConfig,
                  progress: Callable[[str], None] = print) -> AdapterVersion:
     """Runs one fine-tuning job on the current Ray cluster and registers its adapter."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    base_model = Path(train.base_model or config.paths.local_model)
-    if not (base_model / "config.json").is_file():
-        raise UserError(f"base model not found: {base_model} (run `tunefetch demo` or set base_model)")
-    rows = sum(len(read_rows(spec.path, spec.format)) for spec in train.datasets)  # validates every row
+    base_model, rows = check_inputs(train, config)
     run_id = f"{train.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     scaling = train.scaling
     trainer = TorchTrainer(

