@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ingest", "write a new version of a knowledge store from files, directories or globs")
     p.add_argument("paths", nargs="+")
     p.add_argument("--kb", required=True, help="knowledge store name")
+    p.add_argument("--full", action="store_true", help="re-embed every chunk (default: reuse unchanged ones)")
+    p.add_argument("--text-field", default="text", help="JSONL: field holding the text")
+    p.add_argument("--id-field", default="id", help="JSONL: field holding the record id (default: line number)")
+    p.add_argument("--metadata-field", action="append", default=[], help="JSONL: fields kept as metadata")
 
     p = command("kb", "inspect and roll back knowledge stores")
     kb = p.add_subparsers(dest="kb_command", required=True, parser_class=_Parser)
@@ -79,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--url", default=None, help="server URL (default: from serving.host/port)")
 
+    p = command("eval", "evaluations")
+    ev = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    er = ev.add_parser("retrieval", parents=[common], help="recall@k, MRR and nDCG@10 of a store against qrels")
+    er.add_argument("--kb", required=True)
+    er.add_argument("--qrels", required=True, type=Path,
+                    help="JSONL {id, question, doc_ids} or a BEIR folder / qrels .tsv")
+    er.add_argument("--k", type=int, action="append", default=None, help="cut-offs (default: 1 3 5 10)")
+    er.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+
     p = command("provenance", "lineage records of answers")
     pv = p.add_subparsers(dest="provenance_command", required=True, parser_class=_Parser)
     pl = pv.add_parser("list", parents=[common], help="recent records, newest first")
@@ -89,8 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # SIGTERM unwinds like Ctrl-C, so an interrupted ingest or training cleans up after itself.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         config = _config(args)

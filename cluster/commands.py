@@ -8,7 +8,6 @@ import threading
 import time
 from argparse import Namespace
 from contextlib import contextmanager
-from pathlib import Path
 
 from cluster.config import TunefetchConfig
 from cluster.errors import UserError
@@ -38,14 +37,19 @@ def _version_arg(value: str | None) -> int | None:
 
 # -- knowledge stores ------------------------------------------------------------------------
 def cmd_ingest(args: Namespace, config: TunefetchConfig) -> int:
+    from retrieval.documents import JsonlFields
     from retrieval.embedding import Embedder
     from retrieval.ingest import ingest
     from retrieval.store import validate_name
 
     validate_name(args.kb)
+    jsonl = JsonlFields(args.text_field, args.id_field, tuple(args.metadata_field))
     with _stores(config) as stores:
-        result = ingest(args.paths, args.kb, stores, Embedder(), config.retrieval, progress=_say)
-    _say(f"{result.documents} documents, {result.chunks} chunks, {len(result.skipped)} skipped")
+        result = ingest(args.paths, args.kb, stores, Embedder(), config.retrieval, progress=_say,
+                        incremental=not args.full, jsonl=jsonl)
+    _say(f"{result.documents} documents, {result.chunks} chunks ({result.embedded} embedded, "
+         f"{result.chunks - result.embedded} reused) in {result.seconds:.1f} s, {result.chunks_per_s:.0f} chunks/s; "
+         f"{len(result.skipped)} files skipped")
     print(f"{result.version.name}@v{result.version.version}")
     return 0
 
@@ -84,6 +88,21 @@ def cmd_search(args: Namespace, config: TunefetchConfig) -> int:
     _say(f"{result.kb} -> {result.collection} (v{result.kb_version}), {len(result.hits)} hits")
     for i, hit in enumerate(result.hits, 1):
         _say(f"{i}. {hit.score:.4f}  {hit.doc_id}  [{hit.section}]  chunk {hit.chunk_id}  v{hit.kb_version}")
+    return 0
+
+
+def cmd_eval(args: Namespace, config: TunefetchConfig) -> int:
+    from retrieval.embedding import Embedder
+    from retrieval.evaluation import DEFAULT_KS, evaluate, load_qrels
+
+    queries = load_qrels(args.qrels)
+    with _stores(config) as stores:
+        stores.current(args.kb)
+        report = evaluate(stores, Embedder(), args.kb, queries, ks=tuple(args.k or DEFAULT_KS))
+    _say(f"{report.kb} -> {report.collection} (v{report.kb_version}), {report.n_queries} queries")
+    print(report.to_table())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2))
     return 0
 
 

@@ -44,6 +44,7 @@ class RetrievalConfig(_Section):
     chunk_tokens: int = Field(200, ge=16, le=512, description="Chunk size in embedder tokens (MiniLM reads 256).")
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks of one section.")
     top_k: int = Field(3, ge=1, le=50)
+    keep_versions: int = Field(10, ge=0, description="Versions kept per store (oldest dropped first; 0 keeps all).")
 
     @field_validator("chunk_overlap")
     @classmethod

@@ -1,7 +1,8 @@
-"""Ingestion: load -> chunk -> embed -> write a new store version."""
+"""Ingestion: load -> chunk -> embed (reusing unchanged chunks) -> write a new store version."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,7 @@ from retrieval.embedding import MODEL_NAME, Embedder
 from retrieval.store import KnowledgeStores, VersionInfo, validate_name
 
 Progress = Callable[[str], None]
+_BATCH = 256  # chunks embedded and inserted per step: bounded memory on large corpora
 
 
 @dataclass
@@ -20,21 +22,45 @@ class IngestResult:
     version: VersionInfo
     documents: int
     chunks: int
+    embedded: int  # newly embedded; the rest were carried over from the previous version
+    seconds: float
     skipped: list[tuple[str, str]]
 
+    @property
+    def chunks_per_s(self) -> float:
+        return self.chunks / self.seconds if self.seconds else 0.0
 
-def ingest(paths: list[str], name: str, stores: KnowledgeStores, embedder: Embedder,
-           config: RetrievalConfig, progress: Progress = lambda _: None) -> IngestResult:
+
+def ingest(paths: list[str], name: str, stores: KnowledgeStores, embedder: Embedder, config: RetrievalConfig,
+           progress: Progress = lambda _: None, incremental: bool = True, jsonl=None) -> IngestResult:
+    """Writes the documents under `paths` as the next version of store `name`.
+
+    The new version holds exactly these documents (deleted ones drop out); with `incremental`,
+    chunks unchanged since the current version keep their vectors instead of being re-embedded.
+    """
     validate_name(name)
-    report = load_documents(paths)
+    started = time.perf_counter()
+    report = load_documents(paths, jsonl=jsonl)
     for path, reason in report.skipped:
         progress(f"skipped {path}: {reason}")
     if not report.documents:
         raise UserError(f"no documents to ingest under {', '.join(paths)}")
     chunks = [c for doc in report.documents
               for c in chunk_document(doc, embedder.tokenizer, config.chunk_tokens, config.chunk_overlap)]
-    progress(f"{len(report.documents)} documents -> {len(chunks)} chunks; embedding")
-    vectors = embedder.encode([c.text for c in chunks])
-    meta = {"embedder": MODEL_NAME, "documents": len(report.documents), "sources": sorted({d.source for d in report.documents})[:200]}
-    version = stores.write_version(name, chunks, vectors, meta)
-    return IngestResult(version, len(report.documents), len(chunks), report.skipped)
+    reused = stores.reusable_vectors(name, [c.chunk_id for c in chunks], MODEL_NAME) if incremental else {}
+    progress(f"{len(report.documents)} documents -> {len(chunks)} chunks ({len(reused)} unchanged, reused)")
+    meta = {"embedder": MODEL_NAME, "documents": len(report.documents),
+            "sources": sorted({d.source for d in report.documents})[:200]}
+    embedded = 0
+    with stores.new_version(name, embedder.dim, meta, keep=config.keep_versions) as writer:
+        for start in range(0, len(chunks), _BATCH):
+            batch = chunks[start:start + _BATCH]
+            fresh = [c for c in batch if c.chunk_id not in reused]
+            vectors = dict(zip((c.chunk_id for c in fresh), embedder.encode([c.text for c in fresh])))
+            writer.insert(batch, [reused.get(c.chunk_id, vectors.get(c.chunk_id)) for c in batch])
+            embedded += len(fresh)
+            done = start + len(batch)
+            rate = done / (time.perf_counter() - started)
+            progress(f"  {done}/{len(chunks)} chunks written, {embedded} embedded ({rate:.0f} chunks/s)")
+    return IngestResult(writer.info, len(report.documents), len(chunks), embedded,
+                        time.perf_counter() - started, report.skipped)

@@ -9,9 +9,13 @@ Readers resolve the alias once per request, so a request sees exactly one versio
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -24,10 +28,13 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _VERSION_SUFFIX = re.compile(r"^(?P<name>.+)__v(?P<version>\d+)$")
 _META_KEY = "tunefetch.meta"
 _INSERT_BATCH = 512
+_QUERY_BATCH = 256
+# A "writing" version from another host is only presumed dead after this long.
+_FOREIGN_WRITER_TIMEOUT_S = 24 * 3600
 # HNSW with ef=128 measured recall@10 0.96 vs exact search on MiniLM vectors (PLATFORM.md).
 _INDEX = {"index_type": "HNSW", "metric_type": "COSINE", "params": {"M": 16, "efConstruction": 200}}
 _SEARCH_PARAMS = {"metric_type": "COSINE", "params": {"ef": 128}}
-_OUTPUT_FIELDS = ["doc_id", "section", "source", "text", "content_hash", "kb_version", "ingested_at"]
+_OUTPUT_FIELDS = ["chunk_id", "doc_id", "section", "source", "text", "content_hash", "kb_version", "ingested_at"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,8 @@ class KnowledgeStores:
         for version in self._version_numbers(name):
             collection = collection_name(name, version)
             meta = self._meta(collection)
+            if meta.get("state") == "writing":
+                continue
             infos.append(
                 VersionInfo(name, version, collection, meta.get("rows", 0), meta.get("created_at", 0),
                             collection == current, meta)
@@ -132,32 +141,78 @@ class KnowledgeStores:
         ])
 
     # -- writing ----------------------------------------------------------------------------
-    def write_version(self, name: str, chunks: list[Chunk], vectors: np.ndarray, meta: dict | None = None) -> VersionInfo:
-        """Writes all chunks as a new version and switches the alias to it."""
+    @contextmanager
+    def new_version(self, name: str, dim: int, meta: dict, keep: int = 0) -> Iterator["VersionWriter"]:
+        """A writer for the next version of `name`. On a clean exit the version is flushed,
+        loaded, its row count verified, marked ready, and only then the alias moves to it;
+        any exception (or Ctrl-C) drops the partial collection. `keep` > 0 then drops all but
+        the newest `keep` versions (never the current one)."""
         validate_name(name)
-        if not chunks:
-            raise UserError(f"nothing to ingest into {name!r}: no chunks")
+        # Numbered before abandoned writes are dropped: a number is never used twice.
         version = max(self._version_numbers(name), default=0) + 1
+        self.drop_abandoned(name)
         collection = collection_name(name, version)
         created_at = int(time.time())
-        meta = {**(meta or {}), "rows": len(chunks), "created_at": created_at, "version": version}
-        self._create_collection(collection, int(vectors.shape[1]), meta)
+        meta = {**meta, "version": version, "created_at": created_at}
+        # Marked "writing" with its writer: a crashed ingest is recognised and cleaned up later.
+        self._create_collection(collection, dim, {**meta, "state": "writing",
+                                                  "writer": {"pid": os.getpid(), "host": socket.gethostname()}})
+        writer = VersionWriter(self, name, collection, version, created_at)
         try:
-            self._insert(collection, chunks, vectors, version, created_at)
-            self.client.flush(collection)
-            self.client.load_collection(collection)
-            rows = self._row_count(collection)
-            if rows != len(chunks):
-                raise RuntimeError(f"{collection}: wrote {len(chunks)} chunks, Milvus counts {rows}")
+            yield writer
+            rows = writer.seal()
+            self._set_meta(collection, {**meta, "state": "ready", "rows": rows})
             self._point_alias(name, collection)
         except BaseException:
             self.client.drop_collection(collection)
             raise
-        return VersionInfo(name, version, collection, len(chunks), created_at, True, meta)
+        writer.info = VersionInfo(name, version, collection, rows, created_at, True, {**meta, "rows": rows})
+        if keep:
+            self._retain(name, keep)
+
+    def drop_abandoned(self, name: str) -> list[str]:
+        """Drops versions left "writing" by a writer that no longer runs (a killed ingest)."""
+        dropped = []
+        for version in self._version_numbers(name):
+            collection = collection_name(name, version)
+            meta = self._meta(collection)
+            writer = meta.get("writer", {})
+            if meta.get("state") != "writing":
+                continue
+            here = writer.get("host") == socket.gethostname()
+            if (here and not _pid_alive(writer.get("pid", -1))) or (
+                    not here and time.time() - meta.get("created_at", 0) > _FOREIGN_WRITER_TIMEOUT_S):
+                self.client.drop_collection(collection)
+                dropped.append(collection)
+        return dropped
+
+    def reusable_vectors(self, name: str, chunk_ids: list[str], embedder: str) -> dict[str, list[float]]:
+        """Vectors of the current version for chunks that are unchanged (same id = same doc and
+        content), if it was embedded with the same model: incremental ingest re-embeds the rest."""
+        if name not in self.names() or name not in self.client.list_aliases().get("aliases", []):
+            return {}
+        collection, _ = self.current(name)
+        if self._meta(collection).get("embedder") != embedder:
+            return {}
+        self._ensure_loaded(collection)
+        found: dict[str, list[float]] = {}
+        for start in range(0, len(chunk_ids), _QUERY_BATCH):
+            ids = chunk_ids[start:start + _QUERY_BATCH]  # hex ids: safe as literals
+            rows = self.client.query(collection, filter=f"chunk_id in {json.dumps(ids)}",
+                                     output_fields=["chunk_id", "vector"])
+            found.update({row["chunk_id"]: row["vector"] for row in rows})
+        return found
+
+    def _retain(self, name: str, keep: int) -> None:
+        current, _ = self.current(name)
+        ready = [v.collection for v in self.versions(name)]
+        for collection in ready[:-keep]:
+            if collection != current:
+                self.client.drop_collection(collection)
 
     def rollback(self, name: str, to: int | None = None) -> VersionInfo:
         _, current = self.current(name)
-        available = self._version_numbers(name)
+        available = [v.version for v in self.versions(name)]
         if to is None:
             older = [v for v in available if v < current]
             if not older:
@@ -192,6 +247,9 @@ class KnowledgeStores:
         except ValueError:
             return {}
 
+    def _set_meta(self, collection: str, meta: dict) -> None:
+        self.client.alter_collection_properties(collection, properties={_META_KEY: json.dumps(meta)})
+
     def _row_count(self, collection: str) -> int:
         return int(self.client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
@@ -220,20 +278,50 @@ class KnowledgeStores:
             collection, schema=schema, index_params=index, properties={_META_KEY: json.dumps(meta)}
         )
 
-    def _insert(self, collection: str, chunks: list[Chunk], vectors: np.ndarray, version: int, now: int) -> None:
+
+class VersionWriter:
+    """Inserts chunks into one version being written (see KnowledgeStores.new_version)."""
+
+    def __init__(self, stores: KnowledgeStores, name: str, collection: str, version: int, created_at: int):
+        self.stores, self.name, self.collection = stores, name, collection
+        self.version, self.created_at = version, created_at
+        self.rows = 0
+        self.info: VersionInfo | None = None
+
+    def insert(self, chunks: list[Chunk], vectors) -> None:
         for start in range(0, len(chunks), _INSERT_BATCH):
-            rows = [
+            self.stores.client.insert(self.collection, [
                 {
                     "chunk_id": c.chunk_id,
-                    "vector": vectors[start + i].tolist(),
+                    "vector": [float(x) for x in vectors[start + i]],
                     "doc_id": c.doc_id,
                     "section": c.section[:1024],
                     "source": c.source[:2048],
                     "text": c.text,
                     "content_hash": c.content_hash,
-                    "kb_version": version,
-                    "ingested_at": now,
+                    "kb_version": self.version,
+                    "ingested_at": self.created_at,
                 }
                 for i, c in enumerate(chunks[start:start + _INSERT_BATCH])
-            ]
-            self.client.insert(collection, rows)
+            ])
+        self.rows += len(chunks)
+
+    def seal(self) -> int:
+        """Flush, load and verify the row count; returns it."""
+        client = self.stores.client
+        if not self.rows:
+            raise UserError(f"nothing to ingest into {self.name!r}: no chunks")
+        client.flush(self.collection)
+        client.load_collection(self.collection)
+        counted = self.stores._row_count(self.collection)
+        if counted != self.rows:
+            raise RuntimeError(f"{self.collection}: wrote {self.rows} chunks, Milvus counts {counted}")
+        return counted
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, TypeError):
+        return False
+    return True

@@ -12,18 +12,19 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import trace
 from ray import serve
 
 from cluster.config import TunefetchConfig
-from cluster.errors import NotFound, UserError
+from cluster.errors import UserError
 from cluster.telemetry import (extract_context, inject_context, setup_tracing, trace_id_of, traceparent_of,
                                tracer)
-from serving.generator import AdapterRef, Generation
+from serving.answer import Answer, adapter_ref, sampling_params, sse, usage
+from serving.generator import Generation
 from serving.prompts import TEMPLATE_VERSION, last_user_message, with_context
-from serving.protocol import (APIError, ChatCompletionRequest, Citation, CompletionRequest, completion_id,
-                              now)
-from serving.provenance import ProvenanceLog, new_provenance_id
+from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, now
+from serving.provenance import ProvenanceLog
 from training.registry import AdapterRegistry, AdapterVersion
 
 api = FastAPI(title="tunefetch", description="OpenAI-compatible API with retrieval, citations and provenance.")
@@ -48,39 +49,15 @@ def _as_api_error(exc: Exception) -> APIError:
     return APIError(500, f"internal error: {exc.__class__.__name__}", "server_error")
 
 
-def _citations(retrieved) -> list[dict]:
-    return [
-        Citation(index=i, doc_id=h.doc_id, chunk_id=h.chunk_id, source=h.source, section=h.section,
-                 kb=retrieved.kb, kb_version=h.kb_version, collection=h.collection, score=round(h.score, 6)).model_dump()
-        for i, h in enumerate(retrieved.hits, 1)
-    ]
-
-
-def _response_body(chat: bool, model: str, generation: Generation, citations, provenance_id: str) -> dict:
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                   for i, (text, reason) in enumerate(zip(generation.texts, generation.finish_reasons))]
-    else:
-        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                   for i, (text, reason) in enumerate(zip(generation.texts, generation.finish_reasons))]
-    body = {
-        "id": completion_id("chatcmpl" if chat else "cmpl"),
-        "object": "chat.completion" if chat else "text_completion",
-        "created": now(),
-        "model": model,
-        "choices": choices,
-        "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
-                  "total_tokens": generation.prompt_tokens + generation.completion_tokens},
-        "provenance_id": provenance_id,
-    }
-    if citations is not None:
-        body["citations"] = citations
-    return body
-
-
 def _trace_header(span) -> dict:
     value = traceparent_of(span)
     return {"traceparent": value} if value else {}
+
+
+def _error_response(exc: Exception, span) -> JSONResponse:
+    error = _as_api_error(exc)
+    span.set_attribute("error.type", error.type)
+    return JSONResponse(error.body(), status_code=error.status, headers=_trace_header(span))
 
 
 # Module helpers stay above: serve.ingress captures the class (and what it references) here.
@@ -125,33 +102,66 @@ class Gateway:
 
     # -- the request pipeline ---------------------------------------------------------------
     async def _complete(self, body, request: Request, prompt: dict, query: str, chat: bool):
-        if body.stream:
-            raise APIError(400, "stream: true is not supported yet", code="unsupported_parameter")
         started = time.perf_counter()
-        context = extract_context(dict(request.headers))
-        with self.tracer.start_as_current_span("chat" if chat else "text_completion", context=context) as span:
-            span.set_attribute("gen_ai.operation.name", "chat" if chat else "text_completion")
-            span.set_attribute("gen_ai.request.model", body.model)
-            try:
+        operation = "chat" if chat else "text_completion"
+        # Ended by hand: a streamed answer outlives this function.
+        span = self.tracer.start_span(operation, context=extract_context(dict(request.headers)))
+        span.set_attribute("gen_ai.operation.name", operation)
+        span.set_attribute("gen_ai.request.model", body.model)
+        try:
+            with trace.use_span(span, end_on_exit=False):
                 adapter = self._resolve_model(body.model)
                 retrieved = await self._retrieve(body, query) if body.retrieval else None
                 if retrieved is not None:
                     prompt = self._with_context(prompt, retrieved, chat)
-                generation = await self._generate(body, prompt, adapter)
-            except Exception as exc:  # noqa: BLE001 - every failure answers in the OpenAI shape
-                error = _as_api_error(exc)
-                span.set_attribute("error.type", error.type)
-                return JSONResponse(error.body(), status_code=error.status,
-                                    headers=_trace_header(span))
-            answered_by = adapter.ref if adapter else self.base_model["id"]
-            span.set_attribute("tunefetch.adapter.version", adapter.ref if adapter else "")
-            span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
-            citations = _citations(retrieved) if retrieved is not None else None
-            provenance_id = new_provenance_id()
-            self.provenance.append(self._record(provenance_id, span, body, adapter, retrieved, generation, started))
-            response = _response_body(chat, answered_by, generation, citations, provenance_id)
-            return JSONResponse(response, headers=_trace_header(span))
+                answer = Answer(body, chat, adapter, retrieved, self.base_model["id"], span, started)
+                if body.stream:
+                    chunks = self.generator.options(stream=True).generate_stream.remote(
+                        prompt, sampling_params(body, self.default_max_tokens), adapter_ref(adapter), inject_context())
+                    return StreamingResponse(self._stream(answer, chunks), media_type="text/event-stream",
+                                             headers=_trace_header(span))
+                generation = await self.generator.generate.remote(
+                    prompt, sampling_params(body, self.default_max_tokens), adapter_ref(adapter), inject_context())
+        except Exception as exc:  # noqa: BLE001 - every failure answers in the OpenAI shape
+            span.end()
+            return _error_response(exc, span)
+        with trace.use_span(span, end_on_exit=True):
+            self._finish(answer, generation)
+            return JSONResponse(answer.body(generation), headers=_trace_header(span))
+
+    async def _stream(self, answer: Answer, chunks):
+        """SSE in the OpenAI chunk format; provenance is written before `[DONE]`."""
+        texts: dict[int, str] = {}
+        reasons: dict[int, str | None] = {}
+        counts = {"prompt_tokens": 0, "completion_tokens": 0}
+        try:
+            yield sse(answer.chunk([{"index": i, **answer.delta("", first=True)} for i in range(answer.n)]))
+            async for item in chunks:
+                if "usage" in item:
+                    counts = item["usage"]
+                    continue
+                texts[item["index"]] = texts.get(item["index"], "") + item["text"]
+                reasons[item["index"]] = item["finish_reason"]
+                yield sse(answer.chunk([{"index": item["index"], **answer.delta(item["text"]),
+                                          "finish_reason": item["finish_reason"]}]))
+            generation = Generation([texts.get(i, "") for i in range(answer.n)],
+                                    [reasons.get(i) for i in range(answer.n)],
+                                    counts["prompt_tokens"], counts["completion_tokens"])
+            self._finish(answer, generation)
+            if answer.include_usage:
+                yield sse(answer.chunk([], usage=usage(generation)))
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event
+            yield sse(_as_api_error(exc).body())
+        finally:
+            answer.span.end()
+
+    def _finish(self, answer: Answer, generation: Generation) -> None:
+        span = answer.span
+        span.set_attribute("tunefetch.adapter.version", answer.adapter.ref if answer.adapter else "")
+        span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
+        self.provenance.append(self._record(answer, generation))
 
     def _resolve_model(self, model: str) -> AdapterVersion | None:
         if model == self.base_model["id"]:
@@ -177,20 +187,16 @@ class Gateway:
         context = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1))
         return {"text": f"Context:\n{context}\n\n{prompt['text']}"}
 
-    async def _generate(self, body, prompt: dict, adapter: AdapterVersion | None) -> Generation:
-        params = {"max_tokens": body.max_tokens or self.default_max_tokens, "temperature": body.temperature,
-                  "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "n": body.n}
-        ref = AdapterRef(adapter.ref, str(adapter.path)) if adapter else None
-        return await self.generator.generate.remote(prompt, params, ref, inject_context())
-
-    def _record(self, provenance_id, span, body, adapter, retrieved, generation: Generation, started) -> dict:
+    def _record(self, answer: Answer, generation: Generation) -> dict:
+        adapter, retrieved = answer.adapter, answer.retrieved
         return {
-            "provenance_id": provenance_id,
-            "request_id": provenance_id.removeprefix("prov-"),
-            "trace_id": trace_id_of(span),
+            "provenance_id": answer.provenance_id,
+            "request_id": answer.provenance_id.removeprefix("prov-"),
+            "trace_id": trace_id_of(answer.span),
             "time": time.time(),
-            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-            "requested_model": body.model,
+            "latency_ms": round((time.perf_counter() - answer.started) * 1000, 2),
+            "requested_model": answer.request.model,
+            "stream": answer.request.stream,
             "base_model": self.base_model,
             "adapter": {"ref": adapter.ref, "content_hash": adapter.content_hash,
                         "run_id": adapter.metadata.get("run_id")} if adapter else None,

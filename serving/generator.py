@@ -85,23 +85,38 @@ class Generator:
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
-    async def generate(self, prompt: dict, params: dict, adapter: AdapterRef | None, trace: dict) -> Generation:
-        """prompt: {"messages": [...]} (chat template applied here) or {"text": "..."}."""
+    def _prepare(self, prompt: dict, params: dict, output_kind):
+        """Token ids + sampling params; rejects prompts that cannot fit the context."""
         from vllm import SamplingParams
 
-        with tracer("tunefetch.generator").start_as_current_span("generate", context=extract_context(trace)) as span:
-            ids = self.render_chat(prompt["messages"]) if "messages" in prompt else self.tokenizer.encode(prompt["text"])
-            max_tokens = params["max_tokens"]
-            if len(ids) + max_tokens > self.max_model_len:
-                raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                    f"model's context length {self.max_model_len}", code="context_length_exceeded")
-            sampling = SamplingParams(
-                n=params["n"], max_tokens=max_tokens, temperature=params["temperature"], top_p=params["top_p"],
-                stop=params["stop"], seed=params["seed"],
-            )
-            span.set_attribute("gen_ai.operation.name", "chat" if "messages" in prompt else "text_completion")
-            span.set_attribute("gen_ai.request.model", adapter.ref if adapter else self.model_name)
-            span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+        ids = self.render_chat(prompt["messages"]) if "messages" in prompt else self.tokenizer.encode(prompt["text"])
+        max_tokens = params["max_tokens"]
+        if len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                f"model's context length {self.max_model_len}", code="context_length_exceeded")
+        sampling = SamplingParams(
+            n=params["n"], max_tokens=max_tokens, temperature=params["temperature"], top_p=params["top_p"],
+            stop=params["stop"], seed=params["seed"], output_kind=output_kind,
+        )
+        return ids, sampling
+
+    @staticmethod
+    def _span(trace: dict):
+        return tracer("tunefetch.generator").start_as_current_span("generate", context=extract_context(trace))
+
+    def _describe(self, span, prompt: dict, adapter: AdapterRef | None, params: dict, usage: tuple[int, int]) -> None:
+        span.set_attribute("gen_ai.operation.name", "chat" if "messages" in prompt else "text_completion")
+        span.set_attribute("gen_ai.request.model", adapter.ref if adapter else self.model_name)
+        span.set_attribute("gen_ai.request.max_tokens", params["max_tokens"])
+        span.set_attribute("gen_ai.usage.input_tokens", usage[0])
+        span.set_attribute("gen_ai.usage.output_tokens", usage[1])
+
+    async def generate(self, prompt: dict, params: dict, adapter: AdapterRef | None, trace: dict) -> Generation:
+        """prompt: {"messages": [...]} (chat template applied here) or {"text": "..."}."""
+        from vllm.sampling_params import RequestOutputKind
+
+        with self._span(trace) as span:
+            ids, sampling = self._prepare(prompt, params, RequestOutputKind.FINAL_ONLY)
             final = None
             async for output in self.engine.generate(
                 {"prompt_token_ids": ids}, sampling, uuid.uuid4().hex, lora_request=self._lora_request(adapter)
@@ -114,9 +129,24 @@ class Generator:
                 prompt_tokens=len(ids),
                 completion_tokens=sum(len(o.token_ids) for o in completions),
             )
-            span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+            self._describe(span, prompt, adapter, params, (result.prompt_tokens, result.completion_tokens))
             return result
+
+    async def generate_stream(self, prompt: dict, params: dict, adapter: AdapterRef | None, trace: dict):
+        """Yields {"index", "text", "finish_reason"} deltas, then one {"usage": {...}} item."""
+        from vllm.sampling_params import RequestOutputKind
+
+        with self._span(trace) as span:
+            ids, sampling = self._prepare(prompt, params, RequestOutputKind.DELTA)
+            completion_tokens = 0
+            async for output in self.engine.generate(
+                {"prompt_token_ids": ids}, sampling, uuid.uuid4().hex, lora_request=self._lora_request(adapter)
+            ):
+                for o in output.outputs:
+                    completion_tokens += len(o.token_ids)
+                    yield {"index": o.index, "text": o.text, "finish_reason": o.finish_reason}
+            self._describe(span, prompt, adapter, params, (len(ids), completion_tokens))
+            yield {"usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens}}
 
     def check_health(self) -> None:
         if self.engine.errored:

@@ -35,6 +35,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _GenerationParams(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1, le=8192)
@@ -44,6 +48,7 @@ class _GenerationParams(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     retrieval: RetrievalOptions | None = None
 

@@ -45,3 +45,26 @@ def test_new_version_and_rollback(cli, ingested, tmp_path):
     assert any(line.startswith(f"* v{current}") for line in versions)
     assert any(line.strip().startswith(f"v{current + 1}") for line in versions)
     assert f"{KB}\tv{current}" in cli("kb", "list").stdout
+
+
+def test_eval_retrieval_reports_beir_metrics(cli, ingested, tmp_path):
+    out = cli("eval", "retrieval", "--kb", KB, "--qrels", str(SAMPLE / "questions.jsonl"),
+              "--json", str(tmp_path / "report.json")).stdout
+    for metric in ("recall@1", "recall@10", "mrr@10", "ndcg@10"):
+        assert metric in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["n_queries"] == len(questions()) and report["kb"] == KB
+    # the bundled questions each name the one document that answers them
+    assert report["metrics"]["recall@10"] >= 0.9 and 0 < report["metrics"]["ndcg@10"] <= 1
+    assert report["metrics"]["recall@1"] <= report["metrics"]["recall@10"]
+
+
+def test_jsonl_records_become_documents_with_custom_fields(cli, tmp_path):
+    data = tmp_path / "faq.jsonl"
+    data.write_text('{"key": "f1", "body": "Kestrel badges are renewed every 18 months.", "team": "security"}\n'
+                    '{"key": "f2", "body": "Cafeteria opens at 7:30.", "team": "facilities"}\n'
+                    'not json\n')
+    out = cli("ingest", str(data), "--kb", "faq", "--text-field", "body", "--id-field", "key").stdout
+    assert "faq.jsonl:3" in out and out.strip().endswith("faq@v1")
+    hits = cli("search", "How often are badges renewed?", "--kb", "faq", "--top-k", "1").stdout
+    assert "faq/f1" in hits

@@ -156,3 +156,58 @@ def test_greedy_tokens_match_transformers_peft_reference(server, home, model):
         assert served.startswith(expected), (prompt, served, expected)
         compared += decisive
     assert compared >= len(PROMPTS)  # at least one decisive token per prompt on average
+
+
+def stream_events(url: str, path: str, body: dict) -> list[str]:
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_streaming_chat_equals_the_whole_answer_and_records_provenance(server, cli):
+    body = {"model": "support@v1", "messages": [{"role": "user", "content": "How do I return a K-40?"}],
+            "max_tokens": 16, "temperature": 0, "retrieval": {"kb": KB, "top_k": 2}}
+    whole = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=120).json()
+    events = stream_events(server, "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "support@v1" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert len(chunks) >= 16  # token by token, not one final blob
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 16
+    assert [c["chunk_id"] for c in chunks[0]["citations"]] == [c["chunk_id"] for c in whole["citations"]]
+    record = json.loads(cli("provenance", "show", chunks[0]["provenance_id"], "--json").stdout)
+    assert record["stream"] is True and record["usage"]["completion_tokens"] == 16
+
+
+def test_streaming_completions_with_n(server):
+    events = stream_events(server, "/v1/completions", {"model": BASE, "prompt": "The K-200", "max_tokens": 4,
+                                                       "n": 2, "seed": 1, "temperature": 1.0, "stream": True})
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1}
+
+
+def test_the_openai_client_works_unchanged(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed")
+    assert {BASE, "support@v1", "support"} <= {m.id for m in client.models.list()}
+    messages = [{"role": "user", "content": "Where is the returns center?"}]
+    whole = client.chat.completions.create(model="support", messages=messages, max_tokens=10, temperature=0,
+                                           extra_body={"retrieval": {"kb": KB}})
+    assert whole.model == "support@v1" and whole.usage.completion_tokens == 10
+    assert whole.model_extra["citations"] and whole.model_extra["provenance_id"].startswith("prov-")
+    streamed = client.chat.completions.create(model="support", messages=messages, max_tokens=10, temperature=0,
+                                              extra_body={"retrieval": {"kb": KB}}, stream=True,
+                                              stream_options={"include_usage": True})
+    parts = list(streamed)
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == whole.choices[0].message.content
+    assert parts[-1].usage.completion_tokens == 10
+    text = client.completions.create(model=BASE, prompt="The K-200", max_tokens=3, temperature=0)
+    assert text.choices[0].text and text.usage.completion_tokens == 3
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=messages)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=BASE, messages=messages, temperature=7)

@@ -11,7 +11,6 @@ import math
 import random
 import tempfile
 import time
-from pathlib import Path
 
 from training.config import TrainConfig
 from training.datasets import collate, read_rows, tokenize
