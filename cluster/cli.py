@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_config", type=Path)
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
 
+    p = command("submit", "submit a job to a remote Ray cluster (Ray Jobs API) and stream its logs")
+    sj = p.add_subparsers(dest="submit_command", required=True, parser_class=_Parser)
+    st = sj.add_parser("train", parents=[common], help="a training run: `tunefetch train CONFIG` on the cluster")
+    st.add_argument("train_config", type=Path)
+    st.add_argument("--address", required=True, help="Ray job server, e.g. http://127.0.0.1:8265")
+
     p = command("adapters", "the adapter registry")
     ad = p.add_subparsers(dest="adapters_command", required=True, parser_class=_Parser)
     ad.add_parser("list", parents=[common], help="every adapter version")
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         config = _config(args)
-        if getattr(args, "address", None):
+        if args.command == "train" and args.address:
             config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": args.address})})
         from cluster import commands, runtime
 

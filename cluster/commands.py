@@ -127,6 +127,13 @@ def cmd_train(args: Namespace, config: TunefetchConfig) -> int:
     return 0
 
 
+def cmd_submit(args: Namespace, config: TunefetchConfig) -> int:
+    from cluster.jobs import submit_training
+
+    # The job writes into this home on the cluster (a shared filesystem on multi-node clusters).
+    return submit_training(args.address, args.train_config, config.home, progress=_say)
+
+
 def cmd_adapters(args: Namespace, config: TunefetchConfig) -> int:
     from training.registry import AdapterRegistry
 

@@ -77,6 +77,20 @@ class DeploymentOptions(_Section):
     max_ongoing_requests: int = Field(64, ge=1)
 
 
+class RagPolicy(_Section):
+    """What a retrieval request does when no passage is relevant enough."""
+
+    min_score: float = Field(0.0, ge=-1.0, le=1.0, description="Passages scoring below this are not used.")
+    no_context: Literal["abstain", "answer"] = Field(
+        "answer", description="abstain: a fixed 'not found' answer; answer: generate without context, marked grounded: false."
+    )
+
+    def merged(self, request) -> "RagPolicy":
+        """This policy with a request's `min_score` / `no_context` overrides applied."""
+        overrides = {k: getattr(request, k) for k in ("min_score", "no_context") if getattr(request, k) is not None}
+        return self.model_copy(update=overrides)
+
+
 class ServingConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -88,6 +102,7 @@ class ServingConfig(_Section):
     generator: DeploymentOptions = DeploymentOptions(num_cpus=1.0)
     retriever: DeploymentOptions = DeploymentOptions(num_cpus=0.5)
     default_max_tokens: int = Field(64, ge=1)
+    rag: RagPolicy = RagPolicy()
 
 
 class TunefetchConfig(_Section):

@@ -86,17 +86,23 @@ class KnowledgeStores:
 
         self.client = MilvusClient(uri=address.uri, token=address.token or "")
         self._loaded: set[str] = set()
+        self._aliases: set[str] = set()
 
     # -- reading ----------------------------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted({m.group("name") for c in self.client.list_collections() if (m := _VERSION_SUFFIX.match(c))})
+        """Stores that have a serving version (an alias); a first ingest still writing has none."""
+        versioned = {m.group("name") for c in self.client.list_collections() if (m := _VERSION_SUFFIX.match(c))}
+        return sorted(versioned & set(self.client.list_aliases().get("aliases", [])))
 
     def current(self, name: str) -> tuple[str, int]:
         """(physical collection, version) the alias points at now."""
         validate_name(name)
-        # Ask before describing: pymilvus logs a traceback for every failed RPC.
-        if name not in self.client.list_aliases().get("aliases", []):
-            raise NotFound(f"unknown knowledge store {name!r} (see `tunefetch kb list`)")
+        # Ask before describing (pymilvus logs a traceback for every failed RPC); aliases are
+        # never deleted, so the list is only refreshed when a name is missing from it.
+        if name not in self._aliases:
+            self._aliases = set(self.client.list_aliases().get("aliases", []))
+            if name not in self._aliases:
+                raise NotFound(f"unknown knowledge store {name!r} (see `tunefetch kb list`)")
         collection = self.client.describe_alias(name)["collection_name"]
         return collection, int(_VERSION_SUFFIX.match(collection).group("version"))
 
@@ -189,9 +195,10 @@ class KnowledgeStores:
     def reusable_vectors(self, name: str, chunk_ids: list[str], embedder: str) -> dict[str, list[float]]:
         """Vectors of the current version for chunks that are unchanged (same id = same doc and
         content), if it was embedded with the same model: incremental ingest re-embeds the rest."""
-        if name not in self.names() or name not in self.client.list_aliases().get("aliases", []):
+        try:
+            collection, _ = self.current(name)
+        except NotFound:  # a new store: nothing to reuse
             return {}
-        collection, _ = self.current(name)
         if self._meta(collection).get("embedder") != embedder:
             return {}
         self._ensure_loaded(collection)

@@ -21,6 +21,7 @@ class Answer:
     base_model_id: str
     span: object
     started: float
+    abstained: bool = False  # nothing relevant was retrieved and the policy is to abstain
     provenance_id: str = field(default_factory=new_provenance_id)
     id: str = ""
     created: int = field(default_factory=now)
@@ -51,8 +52,12 @@ class Answer:
                 for i, h in enumerate(r.hits, 1)]
 
     def _extensions(self) -> dict:
-        citations = self.citations()
-        return {"provenance_id": self.provenance_id, **({"citations": citations} if citations is not None else {})}
+        extensions: dict = {"provenance_id": self.provenance_id}
+        if self.retrieved is not None:
+            extensions["citations"] = self.citations()
+            extensions["grounded"] = bool(self.retrieved.hits)  # False: answered without context
+            extensions["abstained"] = self.abstained
+        return extensions
 
     def body(self, generation: Generation) -> dict:
         pairs = enumerate(zip(generation.texts, generation.finish_reasons))
@@ -76,6 +81,23 @@ class Answer:
         if usage is not None:
             chunk["usage"] = usage
         return chunk
+
+
+ABSTAIN_MESSAGE = "I could not find anything relevant to this question in the knowledge base {kb!r}."
+
+
+def abstention(answer: Answer) -> Generation:
+    """The fixed answer when nothing relevant was retrieved and the policy is to abstain."""
+    text = ABSTAIN_MESSAGE.format(kb=answer.request.retrieval.kb)
+    return Generation([text] * answer.n, ["stop"] * answer.n, 0, 0)
+
+
+async def abstention_stream(answer: Answer):
+    """The abstention in the generator's stream item shape."""
+    generation = abstention(answer)
+    for i, text in enumerate(generation.texts):
+        yield {"index": i, "text": text, "finish_reason": "stop"}
+    yield {"usage": {"prompt_tokens": 0, "completion_tokens": 0}}
 
 
 def usage(generation: Generation) -> dict:

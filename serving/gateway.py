@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +21,7 @@ from cluster.config import TunefetchConfig
 from cluster.errors import UserError
 from cluster.telemetry import (extract_context, inject_context, setup_tracing, trace_id_of, traceparent_of,
                                tracer)
-from serving.answer import Answer, adapter_ref, sampling_params, sse, usage
+from serving.answer import Answer, abstention, abstention_stream, adapter_ref, sampling_params, sse, usage
 from serving.generator import Generation
 from serving.prompts import TEMPLATE_VERSION, last_user_message, with_context
 from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, now
@@ -72,6 +73,7 @@ class Gateway:
         self.registry = AdapterRegistry(config.paths.adapters)
         self.provenance = ProvenanceLog(config.paths.provenance)
         self.default_max_tokens = config.serving.default_max_tokens
+        self.rag_policy = config.serving.rag
         self.tracer = tracer("tunefetch.gateway")
 
     @api.get("/healthz")
@@ -111,16 +113,13 @@ class Gateway:
         try:
             with trace.use_span(span, end_on_exit=False):
                 adapter = self._resolve_model(body.model)
-                retrieved = await self._retrieve(body, query) if body.retrieval else None
-                if retrieved is not None:
-                    prompt = self._with_context(prompt, retrieved, chat)
-                answer = Answer(body, chat, adapter, retrieved, self.base_model["id"], span, started)
+                answer = Answer(body, chat, adapter, None, self.base_model["id"], span, started)
+                if body.retrieval:
+                    prompt = await self._ground(answer, prompt, query)
                 if body.stream:
-                    chunks = self.generator.options(stream=True).generate_stream.remote(
-                        prompt, sampling_params(body, self.default_max_tokens), adapter_ref(adapter), inject_context())
-                    return StreamingResponse(self._stream(answer, chunks), media_type="text/event-stream",
-                                             headers=_trace_header(span))
-                generation = await self.generator.generate.remote(
+                    return StreamingResponse(self._stream(answer, self._chunks(answer, prompt)),
+                                             media_type="text/event-stream", headers=_trace_header(span))
+                generation = abstention(answer) if answer.abstained else await self.generator.generate.remote(
                     prompt, sampling_params(body, self.default_max_tokens), adapter_ref(adapter), inject_context())
         except Exception as exc:  # noqa: BLE001 - every failure answers in the OpenAI shape
             span.end()
@@ -128,6 +127,27 @@ class Gateway:
         with trace.use_span(span, end_on_exit=True):
             self._finish(answer, generation)
             return JSONResponse(answer.body(generation), headers=_trace_header(span))
+
+    async def _ground(self, answer: Answer, prompt: dict, query: str) -> dict:
+        """Retrieves, applies the relevance policy, and puts the passages into the prompt."""
+        options = answer.request.retrieval
+        retrieved = await self.retriever.retrieve.remote(options.kb, query, options.top_k, options.filters,
+                                                         inject_context())
+        policy = self.rag_policy.merged(options)
+        answer.retrieved = replace(retrieved, hits=[h for h in retrieved.hits if h.score >= policy.min_score])
+        answer.span.set_attribute("tunefetch.retrieval.relevant_hits", len(answer.retrieved.hits))
+        if answer.retrieved.hits:
+            return self._with_context(prompt, answer.retrieved, answer.chat)
+        answer.abstained = policy.no_context == "abstain"
+        answer.span.set_attribute("tunefetch.retrieval.abstained", answer.abstained)
+        return prompt  # "answer": ungrounded, and the response says so
+
+    def _chunks(self, answer: Answer, prompt: dict):
+        if answer.abstained:
+            return abstention_stream(answer)
+        return self.generator.options(stream=True).generate_stream.remote(
+            prompt, sampling_params(answer.request, self.default_max_tokens), adapter_ref(answer.adapter),
+            inject_context())
 
     async def _stream(self, answer: Answer, chunks):
         """SSE in the OpenAI chunk format; provenance is written before `[DONE]`."""
@@ -176,10 +196,6 @@ class Gateway:
             span.set_attribute("tunefetch.adapter.hash", version.content_hash)
             return version
 
-    async def _retrieve(self, body, query: str):
-        options = body.retrieval
-        return await self.retriever.retrieve.remote(options.kb, query, options.top_k, options.filters, inject_context())
-
     def _with_context(self, prompt: dict, retrieved, chat: bool) -> dict:
         passages = [hit.text for hit in retrieved.hits]
         if chat:
@@ -206,7 +222,8 @@ class Gateway:
                 "chunks": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "kb_version": h.kb_version,
                             "score": round(h.score, 6)} for h in retrieved.hits],
             },
-            "prompt_template": TEMPLATE_VERSION if retrieved is not None else None,
+            "prompt_template": TEMPLATE_VERSION if retrieved is not None and retrieved.hits else None,
+            "abstained": answer.abstained,
             "output_hash": hashlib.sha256("\x1e".join(generation.texts).encode()).hexdigest(),
             "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens},
         }

@@ -28,6 +28,8 @@ class RetrievalOptions(BaseModel):
     kb: str
     top_k: int | None = Field(None, ge=1, le=50)
     filters: dict | None = None
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Overrides serving.rag.min_score.")
+    no_context: Literal["abstain", "answer"] | None = Field(None, description="Overrides serving.rag.no_context.")
 
 
 class ChatMessage(BaseModel):

@@ -80,6 +80,8 @@ class TrainConfig(_Section):
     scaling: ScalingSpec = ScalingSpec()
     eval: EvalSpec = EvalSpec()
     log_every_steps: int = Field(1, ge=1)
+    checkpoint_every_steps: int = Field(0, ge=0, description="Resumable checkpoint cadence; 0: only the final adapter.")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts (resuming from the last checkpoint).")
     seed: int = 0
 
     @field_validator("name")

@@ -31,7 +31,7 @@ def check_inputs(train: TrainConfig, config: TunefetchConfig) -> tuple[Path, int
 def run_training(train: TrainConfig, config: TunefetchConfig,
                  progress: Callable[[str], None] = print) -> AdapterVersion:
     """Runs one fine-tuning job on the current Ray cluster and registers its adapter."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     base_model, rows = check_inputs(train, config)
@@ -49,7 +49,8 @@ def run_training(train: TrainConfig, config: TunefetchConfig,
         run_config=RunConfig(
             name=run_id,
             storage_path=str(config.paths.runs),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             # DeepSpeed JIT-builds ops with ninja/g++: the workers need this venv's bin on PATH.
             worker_runtime_env={"env_vars": {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}},
         ),

@@ -11,9 +11,12 @@ import math
 import random
 import tempfile
 import time
+from pathlib import Path
 
 from training.config import TrainConfig
 from training.datasets import collate, read_rows, tokenize
+
+_CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's sub-directory inside each Ray checkpoint
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -132,16 +135,21 @@ class LoraFinetuneRecipe:
 
     def train(self) -> dict:
         c = self.config
-        step, tokens, started = 0, 0, time.perf_counter()
+        start_step = self._restore()
+        step, tokens, started, seen = start_step, 0, time.perf_counter(), 0
         losses: list[float] = []
         self.engine.train()
         for epoch in range(math.ceil(self.total_steps / max(1, self.steps_per_epoch))):
             for batch in self._batches(self.train_examples, epoch):
+                seen += 1
+                if seen <= start_step * c.gradient_accumulation:
+                    continue  # replay the seeded data order up to the checkpoint
                 loss = self.engine(**batch).loss
+                boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.backward(loss)
                 self.engine.step()
                 tokens += int(batch["attention_mask"].sum())
-                if not self.engine.is_gradient_accumulation_boundary():
+                if not boundary:
                     continue
                 step += 1
                 losses.append(float(loss.detach()))
@@ -151,17 +159,47 @@ class LoraFinetuneRecipe:
                           f"lr {self.engine.get_lr()[0]:.2e} tokens/s {rate:.0f}", flush=True)
                 if c.eval.every_steps and step % c.eval.every_steps == 0:
                     self._log_eval(step)
+                if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < self.total_steps:
+                    self._checkpoint(step, losses[-1])
                 if step >= self.total_steps:
                     break
             if step >= self.total_steps:
                 break
         elapsed = time.perf_counter() - started
-        metrics = {"train_loss": losses[-1] if losses else float("nan"), "steps": step,
+        metrics = {"train_loss": losses[-1] if losses else float("nan"), "steps": step, "resumed_from_step": start_step,
                    "train_tokens_per_s": tokens * self.world_size / elapsed, "train_seconds": elapsed}
         eval_loss = self.evaluate()
         if eval_loss is not None:
             metrics["eval_loss"] = eval_loss
         return metrics
+
+    # -- checkpoints (fault tolerance) -------------------------------------------------------
+    def _checkpoint(self, step: int, loss: float) -> None:
+        """Every rank saves its ZeRO shard of the optimizer (and rank 0 the trainable weights);
+        Ray Train gathers the ranks' files into one checkpoint in the run's storage."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag=_CHECKPOINT_TAG, client_state={"step": step},
+                                        exclude_frozen_parameters=True)
+            ray.train.report({"step": step, "train_loss": loss}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self.rank == 0:
+            print(f"[tunefetch] checkpoint at step {step}", flush=True)
+
+    def _restore(self) -> int:
+        """After a worker failure Ray Train restarts the group; continue from the last checkpoint."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        with checkpoint.as_directory() as path:
+            if not (Path(path) / _CHECKPOINT_TAG).is_dir():
+                return 0  # the final adapter checkpoint of a finished run: nothing to resume
+            _, state = self.engine.load_checkpoint(path, tag=_CHECKPOINT_TAG, load_module_strict=False)
+        if self.rank == 0:
+            print(f"[tunefetch] resumed from step {state['step']}", flush=True)
+        return int(state["step"])
 
     def _log_eval(self, step: int) -> None:
         loss = self.evaluate()
