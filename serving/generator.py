@@ -137,16 +137,22 @@ class Generator:
         from vllm.sampling_params import RequestOutputKind
 
         with self._span(trace) as span:
-            ids, sampling = self._prepare(prompt, params, RequestOutputKind.DELTA)
-            completion_tokens = 0
+            # Cumulative outputs, diffed here: vLLM coalesces steps under load, and the running
+            # totals keep text and token counts exact however the steps arrive.
+            ids, sampling = self._prepare(prompt, params, RequestOutputKind.CUMULATIVE)
+            sent: dict[int, int] = {}
+            tokens: dict[int, int] = {}
             async for output in self.engine.generate(
                 {"prompt_token_ids": ids}, sampling, uuid.uuid4().hex, lora_request=self._lora_request(adapter)
             ):
                 for o in output.outputs:
-                    completion_tokens += len(o.token_ids)
-                    yield {"index": o.index, "text": o.text, "finish_reason": o.finish_reason}
-            self._describe(span, prompt, adapter, params, (len(ids), completion_tokens))
-            yield {"usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens}}
+                    delta = o.text[sent.get(o.index, 0):]
+                    sent[o.index], tokens[o.index] = len(o.text), len(o.token_ids)
+                    if delta or o.finish_reason:
+                        yield {"index": o.index, "text": delta, "finish_reason": o.finish_reason}
+            usage = (len(ids), sum(tokens.values()))
+            self._describe(span, prompt, adapter, params, usage)
+            yield {"usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}}
 
     def check_health(self) -> None:
         if self.engine.errored:
