@@ -69,7 +69,7 @@ def _read_state(path: Path) -> dict:
 
 def _running_server(state_file: Path) -> MilvusAddress | None:
     state = _read_state(state_file)
-    if state and _alive(state.get("pid", -1)) and _port_open(state.get("port", 0)):
+    if state and pid_alive(state.get("pid", -1)) and _port_open(state.get("port", 0)):
         return MilvusAddress(state["uri"])
     return None
 
@@ -104,7 +104,7 @@ def _stop(process: subprocess.Popen, state_file: Path) -> None:
     state_file.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except (OSError, TypeError):

@@ -22,7 +22,7 @@ import numpy as np
 from cluster.errors import NotFound, UserError
 from retrieval.chunking import Chunk
 from retrieval.filters import build_filter
-from retrieval.milvus_endpoint import MilvusAddress
+from retrieval.milvus_endpoint import MilvusAddress, pid_alive
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _VERSION_SUFFIX = re.compile(r"^(?P<name>.+)__v(?P<version>\d+)$")
@@ -186,7 +186,7 @@ class KnowledgeStores:
             if meta.get("state") != "writing":
                 continue
             here = writer.get("host") == socket.gethostname()
-            if (here and not _pid_alive(writer.get("pid", -1))) or (
+            if (here and not pid_alive(writer.get("pid", -1))) or (
                     not here and time.time() - meta.get("created_at", 0) > _FOREIGN_WRITER_TIMEOUT_S):
                 self.client.drop_collection(collection)
                 dropped.append(collection)
@@ -324,11 +324,3 @@ class VersionWriter:
         if counted != self.rows:
             raise RuntimeError(f"{self.collection}: wrote {self.rows} chunks, Milvus counts {counted}")
         return counted
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (OSError, TypeError):
-        return False
-    return True
