@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "run the Ray Serve application in the foreground")
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--print-serve-config", action="store_true",
+                   help="print the Serve config (YAML) a KubeRay RayService deploys, and exit")
 
     p = command("query", "ask a running server")
     p.add_argument("question")

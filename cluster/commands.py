@@ -169,6 +169,13 @@ def cmd_serve(args: Namespace, config: TunefetchConfig) -> int:
     from serving.app import base_model_path, run_app
 
     config = _with_port(config, args.port)
+    if args.print_serve_config:
+        import yaml
+
+        from serving.app import serve_config
+
+        print(yaml.safe_dump(serve_config(config), sort_keys=False))
+        return 0
     base_model_path(config)  # fail fast, before starting Ray
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

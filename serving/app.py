@@ -39,6 +39,39 @@ def base_model_path(config: TunefetchConfig) -> Path:
     return path
 
 
+def app_builder(args: dict) -> Application:
+    """Serve's `import_path` entry (`serving.app:app_builder`) for declarative deploys (KubeRay
+    RayService): `args.config` is the tunefetch config as a mapping."""
+    config = TunefetchConfig.model_validate(args["config"])
+    if not config.retrieval.milvus_uri:
+        raise UserError("a declarative deploy needs retrieval.milvus_uri: Milvus Lite lives in one process's home")
+    return build_app(config, MilvusAddress(config.retrieval.milvus_uri, config.retrieval.milvus_token))
+
+
+def serve_config(config: TunefetchConfig) -> dict:
+    """The Serve config (ServeDeploySchema) a RayService deploys, built from the same config as
+    `tunefetch serve`: same deployments, resources and engine environment."""
+    serving = config.serving
+    on_gpu = serving.generator.num_gpus > 0
+    deployments = [
+        {"name": "Gateway", **_options(serving.gateway)},
+        {"name": "Retriever", **_options(serving.retriever)},
+        {"name": "Generator", **_options(serving.generator,
+                                         runtime_env={"env_vars": engine_env(serving.engine, on_gpu)})},
+    ]
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": serving.host, "port": serving.port},
+        "applications": [{
+            "name": serving.app_name,
+            "route_prefix": "/",
+            "import_path": "serving.app:app_builder",
+            "args": {"config": config.model_dump(mode="json")},
+            "deployments": deployments,
+        }],
+    }
+
+
 def _options(deployment: DeploymentOptions, runtime_env: dict | None = None) -> dict:
     actor_options: dict = {"num_cpus": deployment.num_cpus}
     if deployment.num_gpus:

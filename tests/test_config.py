@@ -40,3 +40,26 @@ def test_home_override_wins(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("home: /somewhere\n")
     assert load_config(path, home=tmp_path).home == tmp_path.resolve()
+
+
+def test_the_serve_config_for_kuberay_is_valid_and_builds_the_same_app(tmp_path, local_model):
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from conftest import CLI
+    from serving.app import app_builder
+
+    config = tmp_path / "gpu.yaml"
+    config.write_text(yaml.safe_dump({"retrieval": {"milvus_uri": "http://milvus:19530"},
+                                      "serving": {"host": "0.0.0.0", "engine": {"model": str(local_model)},
+                                                  "generator": {"num_replicas": 2, "num_gpus": 1, "num_cpus": 4}}}))
+    out = CLI(tmp_path / "home")("serve", "--print-serve-config", "--config", str(config)).stdout
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(out))  # Ray's own validation
+    app = schema.applications[0]
+    generator = next(d for d in app.deployments if d.name == "Generator")
+    assert generator.num_replicas == 2 and generator.ray_actor_options.num_gpus == 1
+    assert "VLLM_CPU_KVCACHE_SPACE" not in generator.ray_actor_options.runtime_env["env_vars"]
+    assert isinstance(app_builder(app.args), Application)
+    with pytest.raises(UserError, match="milvus_uri"):
+        app_builder({"config": {}})
