@@ -1,11 +1,11 @@
 """Training benchmark: the Ray Train + DeepSpeed LoRA path vs a plain single-process
 transformers + peft loop, same model, data, LoRA and optimizer settings, one run, one machine.
 
-    .venv/bin/python bench/training_bench.py [--steps 40] [--out FILE]
+    .venv/bin/python bench/training_bench.py [--steps 200] [--out FILE]
 
 Reports steady-state training tokens/s of both (the Ray path's train loop, the plain loop after
-3 warm-up steps) and, separately, the Ray path's start-up cost: wall time of the whole job minus
-its train loop (Ray start, worker group, DeepSpeed init, model load, checkpoint, registry).
+3 warm-up steps) and, separately, the Ray path's fixed costs: Ray start, the job around its train
+loop (worker group, DeepSpeed init, model load, checkpoint, registry) and Ray shutdown.
 """
 
 from __future__ import annotations
@@ -71,16 +71,19 @@ def ray_deepspeed(home: Path, steps: int) -> dict:
     configure_process(config)
     started = time.perf_counter()
     with ray_runtime(config):
+        ray_up = time.perf_counter()
         version = run_training(train, config, progress=lambda _: None)
-    wall = time.perf_counter() - started
+        job_s = time.perf_counter() - ray_up
     metrics = version.metadata["metrics"]
     return {"tokens_per_s": metrics["train_tokens_per_s"], "steps": metrics["steps"],
-            "train_loop_s": metrics["train_seconds"], "wall_s": wall, "startup_s": wall - metrics["train_seconds"]}
+            "train_loop_s": metrics["train_seconds"], "ray_start_s": ray_up - started,
+            "job_s": job_s, "job_overhead_s": job_s - metrics["train_seconds"],
+            "ray_shutdown_s": time.perf_counter() - started - (ray_up - started) - job_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 

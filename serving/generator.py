@@ -8,7 +8,6 @@ gets its own LoRA id for the life of the replica, so an id never points at other
 from __future__ import annotations
 
 import itertools
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -158,7 +157,7 @@ class Generator:
         if self.engine.errored:
             raise RuntimeError("vLLM engine errored")
 
-    def __del__(self):
+    def __del__(self):  # Serve tears the replica down: stop the engine's threads with it
         engine = getattr(self, "engine", None)
-        if engine is not None and os.getpid():
+        if engine is not None:
             engine.shutdown()
