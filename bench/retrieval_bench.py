@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -24,6 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 from cluster.config import load_config  # noqa: E402
 from retrieval.embedding import Embedder  # noqa: E402
@@ -115,10 +116,7 @@ def main() -> None:
         },
         "recall@10_vs_exact": statistics.mean(recalls),
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

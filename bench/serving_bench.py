@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
+
 QUESTIONS = ["What does error E-17 mean?", "How do I return a K-40?", "Tell me about DockStation installs.",
              "How long is the K-200 warranty?", "Who approves travel expenses?", "How do I update firmware?"]
 
@@ -175,10 +177,7 @@ def main() -> None:
         "throughput_ratio_c16": o["c16"]["tokens_per_s"] / d["c16"]["tokens_per_s"],
         "adapter_mix_vs_base_c16": o["c16_adapter_mix"]["tokens_per_s"] / o["c16"]["tokens_per_s"],
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

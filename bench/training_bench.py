@@ -11,7 +11,6 @@ loop (worker group, DeepSpeed init, model load, checkpoint, registry) and Ray sh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 SAMPLE = ROOT / "examples" / "sample_domain"
 LORA = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -97,10 +98,7 @@ def main() -> None:
         ours = ray_deepspeed(home, args.steps)
     report = {"plain_transformers_peft": plain, "ray_train_deepspeed_zero2_2_workers": ours,
               "tokens_per_s_ratio": ours["tokens_per_s"] / plain["tokens_per_s"]}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
