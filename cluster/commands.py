@@ -135,9 +135,9 @@ def cmd_submit(args: Namespace, config: TunefetchConfig) -> int:
 
 
 def cmd_adapters(args: Namespace, config: TunefetchConfig) -> int:
-    from training.registry import AdapterRegistry
+    from training.registry import open_registry
 
-    registry = AdapterRegistry(config.paths.adapters)
+    registry = open_registry(config)
     if args.adapters_command == "list":
         versions = registry.all()
         if not versions:
@@ -150,7 +150,7 @@ def cmd_adapters(args: Namespace, config: TunefetchConfig) -> int:
     version = registry.get(args.ref)
     print(json.dumps(version.metadata, indent=2, sort_keys=True))
     print()
-    print((version.path / "MODEL_CARD.md").read_text())
+    print(registry.read_text(version.location, "MODEL_CARD.md"))
     return 0
 
 
@@ -229,13 +229,13 @@ def cmd_provenance(args: Namespace, config: TunefetchConfig) -> int:
 
 
 def _print_lineage(record: dict, config: TunefetchConfig) -> None:
-    from training.registry import AdapterRegistry
+    from training.registry import open_registry
 
     _say(f"provenance {record['provenance_id']}  trace {record['trace_id']}")
     _say(f"  base model: {record['base_model']['id']} (sha256 {record['base_model']['sha256'][:16]})")
     adapter = record.get("adapter")
     if adapter:
-        meta = AdapterRegistry(config.paths.adapters).get(adapter["ref"]).metadata
+        meta = open_registry(config).get(adapter["ref"]).metadata
         _say(f"  adapter: {adapter['ref']} (hash {adapter['content_hash'][:16]}) <- run {meta['run_id']}, "
              f"dataset {meta['dataset']['rows']} rows sha256 {meta['dataset']['sha256'][:16]}")
     retrieval = record.get("retrieval")

@@ -105,11 +105,18 @@ class ServingConfig(_Section):
     rag: RagPolicy = RagPolicy()
 
 
+class RegistryConfig(_Section):
+    uri: str | None = Field(
+        None, description="Adapter registry: a directory or a pyarrow/fsspec URI (s3://KEY:SECRET@bucket/prefix"
+        "?endpoint_override=host:port&scheme=http, gs://...); empty uses HOME/adapters.")
+
+
 class TunefetchConfig(_Section):
     home: Path = Field(Path(".tunefetch"), description="Directory holding models, adapters, stores, provenance.")
     ray: RayConfig = RayConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
 
     @property
@@ -130,6 +137,11 @@ class HomePaths:
     @property
     def adapters(self) -> Path:
         return self.home / "adapters"
+
+    @property
+    def adapter_cache(self) -> Path:
+        """Local copies of versions from a remote registry (verified, never modified)."""
+        return self.home / "cache" / "adapters"
 
     @property
     def milvus(self) -> Path:

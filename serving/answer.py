@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from serving.generator import AdapterRef, Generation
+from serving.generator import Generation
 from serving.protocol import Citation, completion_id, now
 from serving.provenance import new_provenance_id
 from training.registry import AdapterVersion
@@ -108,10 +108,6 @@ def usage(generation: Generation) -> dict:
 def sampling_params(request, default_max_tokens: int) -> dict:
     return {"max_tokens": request.max_tokens or default_max_tokens, "temperature": request.temperature,
             "top_p": request.top_p, "stop": request.stop, "seed": request.seed, "n": request.n}
-
-
-def adapter_ref(adapter: AdapterVersion | None) -> AdapterRef | None:
-    return AdapterRef(adapter.ref, str(adapter.path)) if adapter else None
 
 
 def sse(data: dict) -> str:

@@ -21,12 +21,12 @@ from cluster.config import TunefetchConfig
 from cluster.errors import UserError
 from cluster.telemetry import (extract_context, inject_context, setup_tracing, trace_id_of, traceparent_of,
                                tracer)
-from serving.answer import Answer, abstention, abstention_stream, adapter_ref, sampling_params, sse, usage
+from serving.answer import Answer, abstention, abstention_stream, sampling_params, sse, usage
 from serving.generator import Generation
 from serving.prompts import TEMPLATE_VERSION, last_user_message, with_context
 from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, now
 from serving.provenance import ProvenanceLog
-from training.registry import AdapterRegistry, AdapterVersion
+from training.registry import AdapterVersion, open_registry
 
 api = FastAPI(title="tunefetch", description="OpenAI-compatible API with retrieval, citations and provenance.")
 
@@ -70,7 +70,7 @@ class Gateway:
         self.retriever = retriever
         self.generator = generator
         self.base_model = base_model  # {"id", "sha256"}
-        self.registry = AdapterRegistry(config.paths.adapters)
+        self.registry = open_registry(config)
         self.provenance = ProvenanceLog(config.paths.provenance)
         self.default_max_tokens = config.serving.default_max_tokens
         self.rag_policy = config.serving.rag
@@ -119,8 +119,8 @@ class Gateway:
                 if body.stream:
                     return StreamingResponse(self._stream(answer, self._chunks(answer, prompt)),
                                              media_type="text/event-stream", headers=_trace_header(span))
-                generation = abstention(answer) if answer.abstained else await self.generator.generate.remote(
-                    prompt, sampling_params(body, self.default_max_tokens), adapter_ref(adapter), inject_context())
+                generation = abstention(answer) if answer.abstained else await self._generator(answer).generate.remote(
+                    prompt, sampling_params(body, self.default_max_tokens), inject_context())
         except Exception as exc:  # noqa: BLE001 - every failure answers in the OpenAI shape
             span.end()
             return _error_response(exc, span)
@@ -142,23 +142,28 @@ class Gateway:
         answer.span.set_attribute("tunefetch.retrieval.abstained", answer.abstained)
         return prompt  # "answer": ungrounded, and the response says so
 
+    def _generator(self, answer: Answer, stream: bool = False):
+        """The generator handle for this answer: adapter requests carry NAME@vN as their
+        multiplexed model id, so Serve prefers a replica that already holds that adapter."""
+        return self.generator.options(stream=stream, multiplexed_model_id=answer.adapter.ref if answer.adapter else "")
+
     def _chunks(self, answer: Answer, prompt: dict):
         if answer.abstained:
             return abstention_stream(answer)
-        return self.generator.options(stream=True).generate_stream.remote(
-            prompt, sampling_params(answer.request, self.default_max_tokens), adapter_ref(answer.adapter),
-            inject_context())
+        return self._generator(answer, stream=True).generate_stream.remote(
+            prompt, sampling_params(answer.request, self.default_max_tokens), inject_context())
 
     async def _stream(self, answer: Answer, chunks):
         """SSE in the OpenAI chunk format; provenance is written before `[DONE]`."""
         texts: dict[int, str] = {}
         reasons: dict[int, str | None] = {}
         counts = {"prompt_tokens": 0, "completion_tokens": 0}
+        replica = None
         try:
             yield sse(answer.chunk([{"index": i, **answer.delta("", first=True)} for i in range(answer.n)]))
             async for item in chunks:
                 if "usage" in item:
-                    counts = item["usage"]
+                    counts, replica = item["usage"], item.get("replica")
                     continue
                 texts[item["index"]] = texts.get(item["index"], "") + item["text"]
                 reasons[item["index"]] = item["finish_reason"]
@@ -166,7 +171,7 @@ class Gateway:
                                           "finish_reason": item["finish_reason"]}]))
             generation = Generation([texts.get(i, "") for i in range(answer.n)],
                                     [reasons.get(i) for i in range(answer.n)],
-                                    counts["prompt_tokens"], counts["completion_tokens"])
+                                    counts["prompt_tokens"], counts["completion_tokens"], replica)
             self._finish(answer, generation)
             if answer.include_usage:
                 yield sse(answer.chunk([], usage=usage(generation)))
@@ -217,6 +222,7 @@ class Gateway:
             "adapter": {"ref": adapter.ref, "content_hash": adapter.content_hash,
                         "run_id": adapter.metadata.get("run_id")} if adapter else None,
             "canary_arm": None,
+            "generator_replica": generation.replica,
             "retrieval": None if retrieved is None else {
                 "kb": retrieved.kb, "collection": retrieved.collection, "kb_version": retrieved.kb_version,
                 "chunks": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "kb_version": h.kb_version,

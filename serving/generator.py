@@ -1,13 +1,16 @@
 """The generator deployment: one vLLM engine serving the base model and many LoRA adapters.
 
-Adapters arrive as immutable registry versions (`NAME@vN` + path) with each request and load
-on demand (vLLM keeps `max_loras` on the device and evicts least-recently-used). Each version
-gets its own LoRA id for the life of the replica, so an id never points at other weights.
+Requests name an immutable registry version (`NAME@vN`) as their Serve multiplexed model id.
+The replica loads it on demand (from a remote registry: a hash-verified local copy) and Serve
+routes later requests for it to replicas that already hold it. vLLM keeps `max_loras` on the
+device and `max_cpu_loras` in memory, least-recently-used first; Serve's per-replica adapter
+list has the same size and policy, so the router's view matches the engine's. Each version gets
+its own LoRA id for the life of the replica, so an id never points at other weights.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import uuid
 from dataclasses import dataclass
 
@@ -16,12 +19,7 @@ from ray import serve
 from cluster.config import EngineConfig, TunefetchConfig
 from cluster.telemetry import extract_context, setup_tracing, tracer
 from serving.protocol import APIError
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    ref: str  # NAME@vN
-    path: str
+from training.registry import open_registry
 
 
 @dataclass
@@ -30,6 +28,7 @@ class Generation:
     finish_reasons: list[str | None]
     prompt_tokens: int
     completion_tokens: int
+    replica: str | None = None  # the generator replica that produced it
 
 
 def engine_env(engine: EngineConfig, on_gpu: bool) -> dict[str, str]:
@@ -68,17 +67,28 @@ class Generator:
         ))
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
+        self.registry = open_registry(config)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self._lora_ids: dict[str, int] = {}
-        self._next_lora_id = itertools.count(1)
 
-    def _lora_request(self, adapter: AdapterRef | None):
+        async def load(ref: str):
+            return await self._load_adapter(ref)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=engine.max_cpu_loras or engine.max_loras)(load)
+
+    async def _load_adapter(self, ref: str):
         from vllm.lora.request import LoRARequest
 
-        if adapter is None:
-            return None
-        if adapter.ref not in self._lora_ids:
-            self._lora_ids[adapter.ref] = next(self._next_lora_id)
-        return LoRARequest(adapter.ref, self._lora_ids[adapter.ref], adapter.path)
+        version = await asyncio.to_thread(self.registry.get, ref)
+        path = await asyncio.to_thread(self.registry.local_dir, version)
+        request = LoRARequest(ref, self._lora_ids.setdefault(ref, len(self._lora_ids) + 1), str(path))
+        await self.engine.add_lora(request)
+        return request
+
+    async def _lora_request(self):
+        """The adapter this request was routed for (its multiplexed model id), loaded."""
+        ref = serve.get_multiplexed_model_id()
+        return await self._adapter(ref) if ref else None
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
@@ -103,23 +113,24 @@ class Generator:
     def _span(trace: dict):
         return tracer("tunefetch.generator").start_as_current_span("generate", context=extract_context(trace))
 
-    def _describe(self, span, prompt: dict, adapter: AdapterRef | None, params: dict, usage: tuple[int, int]) -> None:
+    def _describe(self, span, prompt: dict, lora, params: dict, usage: tuple[int, int]) -> None:
         span.set_attribute("gen_ai.operation.name", "chat" if "messages" in prompt else "text_completion")
-        span.set_attribute("gen_ai.request.model", adapter.ref if adapter else self.model_name)
+        span.set_attribute("gen_ai.request.model", lora.lora_name if lora else self.model_name)
+        span.set_attribute("tunefetch.generator.replica", self.replica)
         span.set_attribute("gen_ai.request.max_tokens", params["max_tokens"])
         span.set_attribute("gen_ai.usage.input_tokens", usage[0])
         span.set_attribute("gen_ai.usage.output_tokens", usage[1])
 
-    async def generate(self, prompt: dict, params: dict, adapter: AdapterRef | None, trace: dict) -> Generation:
+    async def generate(self, prompt: dict, params: dict, trace: dict) -> Generation:
         """prompt: {"messages": [...]} (chat template applied here) or {"text": "..."}."""
         from vllm.sampling_params import RequestOutputKind
 
         with self._span(trace) as span:
             ids, sampling = self._prepare(prompt, params, RequestOutputKind.FINAL_ONLY)
+            lora = await self._lora_request()
             final = None
-            async for output in self.engine.generate(
-                {"prompt_token_ids": ids}, sampling, uuid.uuid4().hex, lora_request=self._lora_request(adapter)
-            ):
+            async for output in self.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
+                                                     lora_request=lora):
                 final = output
             completions = sorted(final.outputs, key=lambda o: o.index)
             result = Generation(
@@ -127,31 +138,32 @@ class Generator:
                 finish_reasons=[o.finish_reason for o in completions],
                 prompt_tokens=len(ids),
                 completion_tokens=sum(len(o.token_ids) for o in completions),
+                replica=self.replica,
             )
-            self._describe(span, prompt, adapter, params, (result.prompt_tokens, result.completion_tokens))
+            self._describe(span, prompt, lora, params, (result.prompt_tokens, result.completion_tokens))
             return result
 
-    async def generate_stream(self, prompt: dict, params: dict, adapter: AdapterRef | None, trace: dict):
-        """Yields {"index", "text", "finish_reason"} deltas, then one {"usage": {...}} item."""
+    async def generate_stream(self, prompt: dict, params: dict, trace: dict):
+        """Yields {"index", "text", "finish_reason"} deltas, then one {"usage": {...}, "replica"} item."""
         from vllm.sampling_params import RequestOutputKind
 
         with self._span(trace) as span:
             # Cumulative outputs, diffed here: vLLM coalesces steps under load, and the running
             # totals keep text and token counts exact however the steps arrive.
             ids, sampling = self._prepare(prompt, params, RequestOutputKind.CUMULATIVE)
+            lora = await self._lora_request()
             sent: dict[int, int] = {}
             tokens: dict[int, int] = {}
-            async for output in self.engine.generate(
-                {"prompt_token_ids": ids}, sampling, uuid.uuid4().hex, lora_request=self._lora_request(adapter)
-            ):
+            async for output in self.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
+                                                     lora_request=lora):
                 for o in output.outputs:
                     delta = o.text[sent.get(o.index, 0):]
                     sent[o.index], tokens[o.index] = len(o.text), len(o.token_ids)
                     if delta or o.finish_reason:
                         yield {"index": o.index, "text": delta, "finish_reason": o.finish_reason}
             usage = (len(ids), sum(tokens.values()))
-            self._describe(span, prompt, adapter, params, usage)
-            yield {"usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}}
+            self._describe(span, prompt, lora, params, usage)
+            yield {"usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}, "replica": self.replica}
 
     def check_health(self) -> None:
         if self.engine.errored:

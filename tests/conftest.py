@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -107,39 +108,80 @@ def second_adapter(home: Path, adapter: str, tmp_path_factory) -> str:
 
     registry = AdapterRegistry(home / "adapters")
     source = registry.get(adapter)
+    source_dir = registry.local_dir(source)
     work = tmp_path_factory.mktemp("echo")
-    shutil.copy(source.path / "adapter_config.json", work)
-    weights = load_file(str(source.path / "adapter_model.safetensors"))
+    shutil.copy(source_dir / "adapter_config.json", work)
+    weights = load_file(str(source_dir / "adapter_model.safetensors"))
     save_file({k: (v * -3.0 if "lora_B" in k else v) for k, v in weights.items()}, str(work / "adapter_model.safetensors"))
     return registry.register("echo", work, {**source.metadata, "run_id": "derived-from-" + adapter}).ref
 
 
 @pytest.fixture(scope="session")
-def server(cli: CLI, serve_config: Path, ingested: str, adapter: str, second_adapter: str):
-    """`tunefetch serve` in the background for the whole session; yields its base URL."""
-    port = yaml.safe_load(serve_config.read_text())["serving"]["port"]
-    log = open(cli.home.parent / "serve.log", "w")
-    proc = subprocess.Popen([TUNEFETCH, "serve", "--home", str(cli.home), "--config", str(serve_config)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
+def s3_endpoint():
+    """A real S3 API server (moto) on 127.0.0.1 with an empty `adapters` bucket."""
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the S3 API server (moto) did not start")
+            time.sleep(0.2)
+    fs, _ = pafs.FileSystem.from_uri(s3_uri(endpoint, "") + "&allow_bucket_creation=true")
+    fs.create_dir("adapters")
+    yield endpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def s3_uri(endpoint: str, prefix: str) -> str:
+    """A registry URI in the test S3 server (credentials in the URI, as users may write it)."""
+    return f"s3://testing:secret@adapters/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+
+@contextmanager
+def running_server(home: Path, config: Path, log: Path):
+    """`tunefetch serve --config CONFIG` in the background; yields its base URL once healthy."""
+    port = yaml.safe_load(config.read_text())["serving"]["port"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([TUNEFETCH, "serve", "--home", str(home), "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            yield wait_healthy(proc, f"http://127.0.0.1:{port}", log)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 240) -> str:
+    deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"tunefetch serve exited {proc.returncode}:\n{(cli.home.parent / 'serve.log').read_text()[-4000:]}")
+            raise RuntimeError(f"tunefetch serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
+                return url
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("tunefetch serve did not become healthy in 240 s")
+            raise RuntimeError(f"tunefetch serve did not become healthy in {timeout_s:.0f} s")
         time.sleep(1)
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
+
+
+@pytest.fixture(scope="session")
+def server(cli: CLI, serve_config: Path, ingested: str, adapter: str, second_adapter: str):
+    """`tunefetch serve` in the background for the whole session; yields its base URL."""
+    with running_server(cli.home, serve_config, cli.home.parent / "serve.log") as url:
+        yield url

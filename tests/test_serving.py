@@ -140,7 +140,8 @@ def test_greedy_tokens_match_transformers_peft_reference(server, home, model):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     reference = AutoModelForCausalLM.from_pretrained(base_dir)
     if model != BASE:
-        reference = PeftModel.from_pretrained(reference, AdapterRegistry(home / "adapters").get(model).path)
+        registry = AdapterRegistry(home / "adapters")
+        reference = PeftModel.from_pretrained(reference, registry.local_dir(registry.get(model)))
     compared = 0
     for prompt in PROMPTS:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -241,7 +242,7 @@ def test_an_adapter_registered_while_serving_is_servable_at_once(server, home, a
     registry = AdapterRegistry(home / "adapters")
     source = registry.get(adapter)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy(source.path / name, tmp_path / name)
+        shutil.copy(registry.local_dir(source) / name, tmp_path / name)
     late = registry.register("late", tmp_path, {**source.metadata, "run_id": "late"}).ref
     assert late in {m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]}
     body = chat(server, late, "Hello there").json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ def test_train_registers_an_immutable_version(cli, adapter, home):
     assert len(record["content_hash"]) == 64 and record["run_id"].startswith("support-")
     version_dir = home / "adapters" / "support" / "v1"
     assert "# Adapter support@v1" in (version_dir / "MODEL_CARD.md").read_text()
-    for file in version_dir.iterdir():
+    for file in (f for f in version_dir.iterdir() if f.is_file()):
         assert not file.stat().st_mode & 0o222, f"{file} is writable"
 
 
@@ -32,13 +33,14 @@ def test_registering_again_adds_a_version_and_never_touches_the_old(home, adapte
 
     registry = AdapterRegistry(home / "adapters")
     v1 = registry.get(adapter)
-    before = directory_hash(v1.path)
-    again = registry.register("support-copy", v1.path, {"run_id": "copy"})
-    again2 = registry.register("support-copy", v1.path, {"run_id": "copy"})
+    v1_dir = registry.local_dir(v1)
+    before = directory_hash(v1_dir)
+    again = registry.register("support-copy", v1_dir, {"run_id": "copy"})
+    again2 = registry.register("support-copy", v1_dir, {"run_id": "copy"})
     assert (again.ref, again2.ref) == ("support-copy@v1", "support-copy@v2")
     assert again.content_hash == v1.content_hash  # same weights, same content hash
-    assert directory_hash(v1.path) == before
-    assert not list((home / "adapters" / "support-copy").glob(".staging-*"))
+    assert directory_hash(v1_dir) == before
+    assert sorted(p.name for p in (home / "adapters" / "support-copy").iterdir()) == ["v1", "v2"]
 
 
 def test_adapter_loads_in_peft_and_changes_greedy_output(home, adapter):
@@ -60,7 +62,7 @@ def test_adapter_loads_in_peft_and_changes_greedy_output(home, adapter):
 
     base_text = greedy(AutoModelForCausalLM.from_pretrained(base_dir))
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
-                                      AdapterRegistry(home / "adapters").get(adapter).path)
+                                      Path(AdapterRegistry(home / "adapters").get(adapter).location))
     tuned_text = greedy(tuned)
     assert tuned_text != base_text
     assert tuned_text.startswith("Kestrel Support:"), tuned_text  # the style it was trained on

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, SAMPLE, TUNEFETCH
+from conftest import CLI, ROOT, SAMPLE, TUNEFETCH, s3_uri
 
 
 def train_config(tmp_path, name: str, **overrides) -> str:
@@ -30,7 +31,7 @@ def adapter_weights(home, ref: str) -> dict:
 
     from training.registry import AdapterRegistry
 
-    return load_file(str(AdapterRegistry(home / "adapters").get(ref).path / "adapter_model.safetensors"))
+    return load_file(str(Path(AdapterRegistry(home / "adapters").get(ref).location) / "adapter_model.safetensors"))
 
 
 def test_zero3_saves_the_same_adapter_as_zero2(cli, home, local_model, tmp_path):
@@ -55,7 +56,7 @@ def test_zero3_saves_the_same_adapter_as_zero2(cli, home, local_model, tmp_path)
         assert float((diff <= 2e-4).float().mean()) >= 0.99 and float(diff.max()) <= 4e-3, key
     assert any(float(w3[k].abs().sum()) > 0 for k in w3 if "lora_B" in k)  # trained, not the zero init
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local_model),
-                              AdapterRegistry(home / "adapters").get(z3).path)
+                              AdapterRegistry(home / "adapters").get(z3).location)
 
 
 def _train_workers() -> list[int]:
@@ -86,6 +87,24 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(cl
     ref = log.strip().splitlines()[-1]
     record = json.loads(cli("adapters", "show", ref).stdout.split("\n\n# Adapter")[0])
     assert record["metrics"]["steps"] == 16 and record["metrics"]["resumed_from_step"] == resumed
+
+
+def test_a_run_registers_into_an_s3_registry(home, local_model, s3_endpoint, tmp_path):
+    """registry.uri on S3: the finished run lands there (and only there), loadable by peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training.registry import AdapterRegistry
+
+    uri = s3_uri(s3_endpoint, "training")
+    config = tmp_path / "s3.yaml"
+    config.write_text(yaml.safe_dump({"registry": {"uri": uri}}))
+    ref = CLI(home, config)("train", train_config(tmp_path, "remote", max_steps=2)).stdout.strip().splitlines()[-1]
+    assert ref == "remote@v1" and "remote" not in AdapterRegistry(home / "adapters").names()
+    registry = AdapterRegistry(uri, cache_dir=tmp_path / "cache")
+    version = registry.get(ref)
+    assert version.metadata["metrics"]["steps"] == 2 and version.metadata["base_model"]["id"] == "tiny-llama"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local_model), registry.local_dir(version))
 
 
 def test_both_dataset_forms_train_only_on_the_answer(local_model):

@@ -16,15 +16,21 @@ from training.config import TrainConfig
 from training.datasets import dataset_fingerprint, read_rows
 from training.local_model import model_identity
 from training.recipe import train_loop_per_worker
-from training.registry import AdapterRegistry, AdapterVersion
+from training.registry import AdapterVersion, open_registry, redacted
 
 
 def check_inputs(train: TrainConfig, config: TunefetchConfig) -> tuple[Path, int]:
-    """Validates every dataset row and the base model before any cluster work; (model, rows)."""
+    """Validates every dataset row, the base model and the registry before any cluster work;
+    (model, rows). An unreachable registry fails now, not after hours of training."""
     rows = sum(len(read_rows(spec.path, spec.format)) for spec in train.datasets)
     base_model = Path(train.base_model or config.paths.local_model)
     if not (base_model / "config.json").is_file():
         raise UserError(f"base model not found: {base_model} (run `tunefetch demo` or set base_model)")
+    registry = open_registry(config)
+    try:
+        registry.versions(train.name)
+    except OSError as exc:
+        raise UserError(redacted(f"registry.uri: cannot read {registry.uri}: {str(exc).splitlines()[0]}")) from None
     return base_model, rows
 
 
@@ -73,6 +79,6 @@ def run_training(train: TrainConfig, config: TunefetchConfig,
             "created_at": time.time(),
         }
         with result.checkpoint.as_directory() as adapter_dir:
-            version = AdapterRegistry(config.paths.adapters).register(train.name, Path(adapter_dir), metadata)
+            version = open_registry(config).register(train.name, Path(adapter_dir), metadata)
         span.set_attribute("tunefetch.adapter.version", version.ref)
     return version

@@ -1,35 +1,50 @@
-"""The adapter registry: immutable, content-hashed versions NAME@vN.
+"""The adapter registry: immutable, content-hashed versions NAME@vN on any filesystem.
 
-Layout: ROOT/NAME/vN/{adapter_config.json, adapter_model.safetensors, metadata.json, MODEL_CARD.md}.
-A version is assembled in a hidden staging directory and renamed into place in one step, so a
-half-written version is never visible and two concurrent runs never get the same N. Files are
-made read-only; serving refers to `NAME@vN`, never to "the latest files at a path".
+The root is a local directory or a URI that pyarrow (s3://, gs://, hdfs://, abfs://) or fsspec
+opens, as Ray Train's own storage does. Layout:
+ROOT/NAME/vN/{adapter_config.json, adapter_model.safetensors, metadata.json, MODEL_CARD.md}.
+
+Object stores have no atomic directory rename, so publishing is three steps that work the same
+on a local disk and on S3 (strong read-after-write consistency):
+1. claim vN: write NAME/vN/.claims/<uuid>, then list the claims. The claim holds only if it is
+   the only one: of two racing writers the later lister always sees the other, so at most one
+   wins; a loser withdraws its claim and tries again. Winning claims stay, so no later writer
+   can win vN.
+2. write the adapter files and the model card into NAME/vN/.
+3. commit: metadata.json, written last and moved into place whole. Only a vN with metadata.json
+   is a version: a run that dies before step 3 leaves an invisible, never reused vN.
+Serving refers to `NAME@vN`, never to "the latest files at a path"; replicas that need files
+on local disk get a copy verified against the content hash (`local_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import random
 import re
 import shutil
 import stat
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from cluster.errors import NotFound, UserError
-from training.local_model import directory_hash
 
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_-]{0,62})(?:@v(?P<version>\d+))?$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_CLAIM_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
 class AdapterVersion:
     name: str
     version: int
-    path: Path
+    location: str  # the version's directory inside the registry's filesystem
     metadata: dict
 
     @property
@@ -49,54 +64,106 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return match.group("name"), int(version) if version else None
 
 
-class AdapterRegistry:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+def redacted(uri: str) -> str:
+    """The URI without credentials, for messages and logs."""
+    return re.sub(r"(?<=://)[^/@]+@", "***@", uri)
 
+
+def open_filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, a pyarrow URI or an fsspec URI."""
+    uri = str(uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as first:  # pyarrow.ArrowInvalid is a ValueError
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError, OSError) as exc:
+            raise UserError(redacted(f"registry.uri: cannot open {uri}: {first}; fsspec: {exc}")) from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+class AdapterRegistry:
+    def __init__(self, root: str | Path, cache_dir: Path | None = None):
+        self.uri = str(root)
+        self.fs, self.root = open_filesystem(root)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "tunefetch-adapters"
+
+    # -- writing -----------------------------------------------------------------------------
     def register(self, name: str, adapter_dir: Path, metadata: dict) -> AdapterVersion:
-        """Copies a PEFT adapter directory in as the next version of `name`."""
+        """Publishes a PEFT adapter directory as the next version of `name`."""
         parse_ref(name)
-        missing = [f for f in ADAPTER_FILES if not (Path(adapter_dir) / f).is_file()]
+        adapter_dir = Path(adapter_dir)
+        missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
         if missing:
             raise UserError(f"{adapter_dir} is not a PEFT adapter: missing {', '.join(missing)}")
-        (self.root / name).mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root / name))
-        try:
-            for file in ADAPTER_FILES:
-                shutil.copy2(Path(adapter_dir) / file, staging / file)
-            content_hash = directory_hash(staging)
-            return self._publish(name, staging, {**metadata, "content_hash": content_hash})
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        content_hash = files_hash(adapter_dir, ADAPTER_FILES)
+        version, location = self._claim(name)
+        record = {**metadata, "content_hash": content_hash, "name": name, "version": version,
+                  "ref": f"{name}@v{version}", "created_at": metadata.get("created_at") or time.time()}
+        for file in ADAPTER_FILES:
+            self._write(f"{location}/{file}", (adapter_dir / file).read_bytes())
+        self._write(f"{location}/MODEL_CARD.md", model_card(record).encode())
+        self._commit(location, json.dumps(record, indent=2, sort_keys=True).encode())
+        return AdapterVersion(name, version, location, record)
 
-    def _publish(self, name: str, staging: Path, metadata: dict) -> AdapterVersion:
-        while True:
-            version = max(self.versions(name), default=0) + 1
-            record = {**metadata, "name": name, "version": version, "ref": f"{name}@v{version}",
-                      "created_at": metadata.get("created_at") or time.time()}
-            (staging / "metadata.json").write_text(json.dumps(record, indent=2, sort_keys=True))
-            (staging / "MODEL_CARD.md").write_text(model_card(record))
-            for file in staging.iterdir():
-                file.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-            target = self.root / name / f"v{version}"
-            try:
-                os.rename(staging, target)  # atomic; fails if another run took vN first
-            except OSError:
-                if target.exists():
-                    continue
-                raise
-            return AdapterVersion(name, version, target, record)
+    def _claim(self, name: str) -> tuple[int, str]:
+        for _ in range(_CLAIM_ATTEMPTS):
+            version = max(self._taken(name), default=0) + 1
+            location = f"{self.root}/{name}/v{version}"
+            claim = f"{location}/.claims/{uuid.uuid4().hex}"
+            if self.local:  # object stores have no directories to make
+                self.fs.create_dir(f"{location}/.claims", recursive=True)
+            self._write(claim, b"")
+            claims = self.fs.get_file_info(pafs.FileSelector(f"{location}/.claims", allow_not_found=True))
+            if [c.path for c in claims if c.type == pafs.FileType.File] == [claim] and not self._exists(f"{location}/metadata.json"):
+                return version, location
+            self.fs.delete_file(claim)
+            time.sleep(random.uniform(0.01, 0.2))  # racing writers: spread the next attempt
+        raise RuntimeError(f"could not claim a version of {name!r} after {_CLAIM_ATTEMPTS} attempts")
+
+    def _commit(self, location: str, metadata: bytes) -> None:
+        """metadata.json appears whole or not at all: written aside, then moved into place."""
+        staged = f"{location}/.claims/metadata.json.{uuid.uuid4().hex}"
+        self._write(staged, metadata)
+        if self.local:  # the files of a local version are read-only, like the version itself
+            for path in [*(Path(location) / f for f in (*ADAPTER_FILES, "MODEL_CARD.md")), Path(staged)]:
+                path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        self.fs.move(staged, f"{location}/metadata.json")
+
+    def _write(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as out:
+            out.write(data)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def _files(self, name: str) -> list[tuple[int, str]]:
+        """(N, path inside vN) of every file under NAME/vN/, in one listing."""
+        entries = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{name}", recursive=True,
+                                                          allow_not_found=True))
+        prefix = len(self.root) + len(name) + 2
+        found = (re.fullmatch(r"v(\d+)/(.+)", e.path[prefix:]) for e in entries if e.type == pafs.FileType.File)
+        return [(int(m.group(1)), m.group(2)) for m in found if m]
+
+    def _taken(self, name: str) -> list[int]:
+        """Versions committed or held by a claim: a claimed number is never handed out again.
+        (Withdrawn claims leave no file, so a number every racer gave up is free again.)"""
+        return [n for n, _ in self._files(name)]
 
     def versions(self, name: str) -> list[int]:
-        folder = self.root / name
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name[1:]) for p in folder.iterdir() if re.fullmatch(r"v\d+", p.name))
+        """Committed versions of `name`, oldest first."""
+        return sorted(n for n, path in self._files(name) if path == "metadata.json")
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+        entries = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
+                      and _REF.fullmatch(e.base_name) and self.versions(e.base_name))
 
     def get(self, ref: str) -> AdapterVersion:
         """`NAME@vN` exactly, or `NAME` for its newest version."""
@@ -107,11 +174,57 @@ class AdapterRegistry:
         version = version if version is not None else versions[-1]
         if version not in versions:
             raise NotFound(f"adapter {name} has no version v{version}; versions: {', '.join(f'v{v}' for v in versions)}")
-        path = self.root / name / f"v{version}"
-        return AdapterVersion(name, version, path, json.loads((path / "metadata.json").read_text()))
+        location = f"{self.root}/{name}/v{version}"
+        return AdapterVersion(name, version, location, json.loads(self.read_text(location, "metadata.json")))
 
     def all(self) -> list[AdapterVersion]:
         return [self.get(f"{n}@v{v}") for n in self.names() for v in self.versions(n)]
+
+    def read_text(self, location: str, file: str) -> str:
+        with self.fs.open_input_stream(f"{location}/{file}") as src:
+            return src.read().decode()
+
+    def local_dir(self, version: AdapterVersion) -> Path:
+        """A local directory with the version's files, for loaders that need one (peft, vLLM).
+        Remote versions are copied once into the cache, verified against the content hash."""
+        if self.local:
+            return Path(version.location)
+        target = self.cache_dir / version.name / f"v{version.version}-{version.content_hash[:16]}"
+        if target.is_dir():
+            return target
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=self.cache_dir))
+        try:
+            for file in (*ADAPTER_FILES, "metadata.json", "MODEL_CARD.md"):
+                with self.fs.open_input_stream(f"{version.location}/{file}") as src:
+                    (staging / file).write_bytes(src.read())
+            if files_hash(staging, ADAPTER_FILES) != version.content_hash:
+                raise RuntimeError(f"{version.ref} in {redacted(self.uri)} does not match its content hash")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                staging.rename(target)  # another replica may have won the race: same bytes
+            except OSError:
+                if not target.is_dir():
+                    raise
+            return target
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def open_registry(config) -> AdapterRegistry:
+    """The registry a `TunefetchConfig` names (`registry.uri`, default HOME/adapters)."""
+    return AdapterRegistry(config.registry.uri or config.paths.adapters, cache_dir=config.paths.adapter_cache)
+
+
+def files_hash(directory: Path, files: tuple[str, ...]) -> str:
+    """sha256 over the names and bytes of `files` (the registry's content hash)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0")
+        with open(Path(directory) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def model_card(record: dict) -> str:

@@ -1,0 +1,75 @@
+"""Two generator replicas serving adapters from an S3 registry: each adapter's requests go to a
+replica that already holds it (Serve model multiplexing), and answers stay exact."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+import yaml
+
+from conftest import CLI, free_port, running_server, s3_uri
+
+ADAPTERS = ["support@v1", "echo@v1"]
+
+
+@pytest.fixture(scope="module")
+def replicas(home, s3_endpoint, adapter, second_adapter, tmp_path_factory):
+    """A second `tunefetch serve`: two generator replicas, max_loras 1, registry on S3."""
+    from training.registry import AdapterRegistry
+
+    local = AdapterRegistry(home / "adapters")
+    uri = s3_uri(s3_endpoint, uuid.uuid4().hex)
+    remote = AdapterRegistry(uri)
+    for ref in ADAPTERS:
+        version = local.get(ref)
+        remote.register(version.name, local.local_dir(version), version.metadata)
+    work = tmp_path_factory.mktemp("replicas")
+    config = work / "replicas.yaml"
+    config.write_text(yaml.safe_dump({
+        "registry": {"uri": uri},
+        "serving": {"port": free_port(), "app_name": "replicas",
+                    "generator": {"num_replicas": 2, "num_cpus": 0.5},
+                    "engine": {"max_loras": 1, "max_cpu_loras": 1}},
+    }))
+    with running_server(home, config, work / "serve.log") as url:
+        yield url, CLI(home, config)
+
+
+def ask(url: str, model: str, question: str) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def replica_of(cli: CLI, answer: dict) -> str:
+    record = json.loads(cli("provenance", "show", answer["provenance_id"], "--json").stdout)
+    return record["generator_replica"]
+
+
+def test_models_come_from_the_s3_registry(replicas):
+    url, _ = replicas
+    ids = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+    assert ids == {"tiny-llama", "support", "echo", *ADAPTERS}  # exactly what the S3 registry holds
+
+
+def test_each_adapter_stays_on_the_replica_that_holds_it(replicas, server):
+    url, cli = replicas
+    for model in ADAPTERS:  # first use loads it on some replica; Serve learns which within ~0.1 s
+        ask(url, model, "warm up")
+    seen: dict[str, set[str]] = {model: set() for model in ADAPTERS}
+    reference: dict[str, str] = {}
+    for i in range(4):
+        for model in ADAPTERS:
+            answer = ask(url, model, "How do I reset a K-200?")
+            seen[model].add(replica_of(cli, answer))
+            assert answer["model"] == model
+            text = answer["choices"][0]["message"]["content"]
+            assert reference.setdefault(model, text) == text  # same replica, same greedy answer
+    assert all(len(replicas_used) == 1 for replicas_used in seen.values()), seen
+    # The same version through the single-replica app (local registry) answers identically.
+    for model in ADAPTERS:
+        assert ask(server, model, "How do I reset a K-200?")["choices"][0]["message"]["content"] == reference[model]
