@@ -75,6 +75,9 @@ class DeploymentOptions(_Section):
     num_cpus: float = Field(0.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests each caller queues beyond max_ongoing_requests; more get 429 (-1: unbounded)."
+    )
 
 
 class RagPolicy(_Section):
@@ -102,6 +105,7 @@ class ServingConfig(_Section):
     generator: DeploymentOptions = DeploymentOptions(num_cpus=1.0)
     retriever: DeploymentOptions = DeploymentOptions(num_cpus=0.5)
     default_max_tokens: int = Field(64, ge=1)
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     rag: RagPolicy = RagPolicy()
 
 

@@ -81,6 +81,7 @@ def _options(deployment: DeploymentOptions, runtime_env: dict | None = None) -> 
     return {
         "num_replicas": deployment.num_replicas,
         "max_ongoing_requests": deployment.max_ongoing_requests,
+        "max_queued_requests": deployment.max_queued_requests,
         "ray_actor_options": actor_options,
     }
 

@@ -12,10 +12,11 @@ import time
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from cluster.config import TunefetchConfig
 from cluster.errors import UserError
@@ -24,7 +25,7 @@ from cluster.telemetry import (extract_context, inject_context, setup_tracing, t
 from serving.answer import Answer, abstention, abstention_stream, sampling_params, sse, usage
 from serving.generator import Generation
 from serving.prompts import TEMPLATE_VERSION, last_user_message, with_context
-from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, now
+from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, now, parse_request
 from serving.provenance import ProvenanceLog
 from training.registry import AdapterVersion, open_registry
 
@@ -36,17 +37,15 @@ async def _api_error(_: Request, exc: APIError):
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(_: Request, exc: RequestValidationError):
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"] if p != "body")
-    return JSONResponse(APIError(400, f"{where}: {err['msg']}" if where else err["msg"]).body(), status_code=400)
-
-
 def _as_api_error(exc: Exception) -> APIError:
-    """Errors raised in other replicas arrive wrapped; keep their status and message."""
+    """Errors raised in other replicas arrive wrapped; keep their status and message. Overload
+    is 429 and a missing or dying replica 503: both are worth a retry (Retry-After)."""
     if isinstance(exc, APIError) or hasattr(exc, "status") and hasattr(exc, "message"):
         return APIError(exc.status, exc.message, getattr(exc, "type", "invalid_request_error"), getattr(exc, "code", None))
+    if isinstance(exc, BackPressureError):
+        return APIError(429, "the server is at capacity: retry shortly", "rate_limit_error", code="server_overloaded")
+    if isinstance(exc, (RayActorError, ActorUnavailableError, DeploymentUnavailableError)):
+        return APIError(503, "the model server is unavailable: retry shortly", "server_error", code="service_unavailable")
     return APIError(500, f"internal error: {exc.__class__.__name__}", "server_error")
 
 
@@ -58,7 +57,23 @@ def _trace_header(span) -> dict:
 def _error_response(exc: Exception, span) -> JSONResponse:
     error = _as_api_error(exc)
     span.set_attribute("error.type", error.type)
-    return JSONResponse(error.body(), status_code=error.status, headers=_trace_header(span))
+    headers = _trace_header(span)
+    if error.status in (429, 503):
+        headers["Retry-After"] = "1"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def _primed(chunks):
+    """A stream whose first item is already here: failures before the first token (overload,
+    context length) still answer with their own status instead of a 200 and an error event."""
+    first = await chunks.__anext__()
+
+    async def items():
+        yield first
+        async for item in chunks:
+            yield item
+
+    return items()
 
 
 # Module helpers stay above: serve.ingress captures the class (and what it references) here.
@@ -74,6 +89,7 @@ class Gateway:
         self.provenance = ProvenanceLog(config.paths.provenance)
         self.default_max_tokens = config.serving.default_max_tokens
         self.rag_policy = config.serving.rag
+        self.max_request_bytes = config.serving.max_request_bytes
         self.tracer = tracer("tunefetch.gateway")
 
     @api.get("/healthz")
@@ -94,13 +110,27 @@ class Gateway:
         return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+    async def chat_completions(self, request: Request):
+        body = await self._body(request, ChatCompletionRequest)
         messages = [m.model_dump() for m in body.messages]
         return await self._complete(body, request, {"messages": messages}, last_user_message(messages), chat=True)
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
+    async def completions(self, request: Request):
+        body = await self._body(request, CompletionRequest)
         return await self._complete(body, request, {"text": body.prompt}, body.prompt, chat=False)
+
+    async def _body(self, request: Request, model):
+        """The request body, size-checked (413) before it is parsed and validated (400)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_request_bytes:
+            raise APIError(413, f"request body of {length} bytes exceeds the limit of {self.max_request_bytes} "
+                                f"bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > self.max_request_bytes:
+            raise APIError(413, f"request body exceeds the limit of {self.max_request_bytes} bytes",
+                           code="request_too_large")
+        return parse_request(raw, model)
 
     # -- the request pipeline ---------------------------------------------------------------
     async def _complete(self, body, request: Request, prompt: dict, query: str, chat: bool):
@@ -117,8 +147,9 @@ class Gateway:
                 if body.retrieval:
                     prompt = await self._ground(answer, prompt, query)
                 if body.stream:
-                    return StreamingResponse(self._stream(answer, self._chunks(answer, prompt)),
-                                             media_type="text/event-stream", headers=_trace_header(span))
+                    chunks = await _primed(self._chunks(answer, prompt))
+                    return StreamingResponse(self._stream(answer, chunks), media_type="text/event-stream",
+                                             headers=_trace_header(span))
                 generation = abstention(answer) if answer.abstained else await self._generator(answer).generate.remote(
                     prompt, sampling_params(body, self.default_max_tokens), inject_context())
         except Exception as exc:  # noqa: BLE001 - every failure answers in the OpenAI shape

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class APIError(Exception):
@@ -86,3 +86,13 @@ def completion_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def parse_request(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """A request body as `model`; the first problem, with its field, as a 400."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"]) from None

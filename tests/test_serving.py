@@ -97,6 +97,11 @@ def test_errors_use_the_openai_shape(server):
     response = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
+    # A failure before the first token keeps its status when streaming, too.
+    assert_openai_error(chat(server, BASE, "x", max_tokens=5000, stream=True), 400, "context length")
+    huge = {"model": BASE, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    assert_openai_error(httpx.post(f"{server}/v1/chat/completions", json=huge, timeout=30), 413, "exceeds the limit")
+    assert chat(server, BASE, "still serving?").status_code == 200
 
 
 def test_query_cli_prints_answer_citations_and_ids(server, cli):

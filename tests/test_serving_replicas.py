@@ -1,10 +1,12 @@
 """Two generator replicas serving adapters from an S3 registry: each adapter's requests go to a
-replica that already holds it (Serve model multiplexing), and answers stay exact."""
+replica that already holds it (Serve model multiplexing), answers stay exact, and load beyond
+the bounded queue is shed with 429."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -16,8 +18,9 @@ ADAPTERS = ["support@v1", "echo@v1"]
 
 
 @pytest.fixture(scope="module")
-def replicas(home, s3_endpoint, adapter, second_adapter, tmp_path_factory):
-    """A second `tunefetch serve`: two generator replicas, max_loras 1, registry on S3."""
+def replicas(home, s3_endpoint, adapter, second_adapter, server, tmp_path_factory):
+    """A second `tunefetch serve`: two generator replicas, max_loras 1, registry on S3. It joins
+    the Milvus Lite of the session's server (which owns it and outlives this module)."""
     from training.registry import AdapterRegistry
 
     local = AdapterRegistry(home / "adapters")
@@ -31,16 +34,23 @@ def replicas(home, s3_endpoint, adapter, second_adapter, tmp_path_factory):
     config.write_text(yaml.safe_dump({
         "registry": {"uri": uri},
         "serving": {"port": free_port(), "app_name": "replicas",
-                    "generator": {"num_replicas": 2, "num_cpus": 0.5},
+                    # 2 x 2 in flight + 2 queued: a burst of 16 must be shed in part
+                    "generator": {"num_replicas": 2, "num_cpus": 0.5, "max_ongoing_requests": 2,
+                                  "max_queued_requests": 2},
                     "engine": {"max_loras": 1, "max_cpu_loras": 1}},
     }))
     with running_server(home, config, work / "serve.log") as url:
         yield url, CLI(home, config)
 
 
+def post(url: str, model: str, question: str, max_tokens: int = 8) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
 def ask(url: str, model: str, question: str) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0}
-    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    response = post(url, model, question)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -73,3 +83,14 @@ def test_each_adapter_stays_on_the_replica_that_holds_it(replicas, server):
     # The same version through the single-replica app (local registry) answers identically.
     for model in ADAPTERS:
         assert ask(server, model, "How do I reset a K-200?")["choices"][0]["message"]["content"] == reference[model]
+
+
+def test_a_burst_beyond_the_queue_is_shed_with_429_and_service_goes_on(replicas):
+    url, _ = replicas
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: post(url, "tiny-llama", f"burst {i}", max_tokens=48), range(16)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 429}, statuses
+    for shed in (r for r in responses if r.status_code == 429):
+        assert shed.json()["error"]["code"] == "server_overloaded" and shed.headers["retry-after"] == "1"
+    assert ask(url, "support@v1", "still there?")["model"] == "support@v1"
