@@ -96,7 +96,9 @@ def run_ours(home: Path, n: int, max_tokens: int, port: int) -> dict:
     from serving.app import run_app
 
     config = load_config(home=home)
-    config = config.model_copy(update={"serving": config.serving.model_copy(update={"port": port})})
+    # The same kernel threads as the direct engine (all cores), whatever CPUs Ray reserves.
+    engine = config.serving.engine.model_copy(update={"cpu_threads": len(os.sched_getaffinity(0))})
+    config = config.model_copy(update={"serving": config.serving.model_copy(update={"port": port, "engine": engine})})
     configure_process(config)
     with ray_runtime(config), milvus_endpoint(config) as milvus:
         url = run_app(config, milvus)

@@ -7,6 +7,7 @@ of one trace, continued from the caller's `traceparent` and returned in the resp
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import replace
@@ -98,6 +99,9 @@ class Gateway:
 
     @api.get("/v1/models")
     async def models(self):
+        return await asyncio.to_thread(self._models)
+
+    def _models(self) -> dict:
         created = now()
         data = [{"id": self.base_model["id"], "object": "model", "created": created, "owned_by": "tunefetch",
                  "root": self.base_model["id"], "parent": None}]
@@ -142,7 +146,7 @@ class Gateway:
         span.set_attribute("gen_ai.request.model", body.model)
         try:
             with trace.use_span(span, end_on_exit=False):
-                adapter = self._resolve_model(body.model)
+                adapter = await self._resolve_model(body.model)
                 answer = Answer(body, chat, adapter, None, self.base_model["id"], span, started)
                 if body.retrieval:
                     prompt = await self._ground(answer, prompt, query)
@@ -156,7 +160,7 @@ class Gateway:
             span.end()
             return _error_response(exc, span)
         with trace.use_span(span, end_on_exit=True):
-            self._finish(answer, generation)
+            await self._finish(answer, generation)
             return JSONResponse(answer.body(generation), headers=_trace_header(span))
 
     async def _ground(self, answer: Answer, prompt: dict, query: str) -> dict:
@@ -203,7 +207,7 @@ class Gateway:
             generation = Generation([texts.get(i, "") for i in range(answer.n)],
                                     [reasons.get(i) for i in range(answer.n)],
                                     counts["prompt_tokens"], counts["completion_tokens"], replica)
-            self._finish(answer, generation)
+            await self._finish(answer, generation)
             if answer.include_usage:
                 yield sse(answer.chunk([], usage=usage(generation)))
             yield "data: [DONE]\n\n"
@@ -212,19 +216,20 @@ class Gateway:
         finally:
             answer.span.end()
 
-    def _finish(self, answer: Answer, generation: Generation) -> None:
+    async def _finish(self, answer: Answer, generation: Generation) -> None:
         span = answer.span
         span.set_attribute("tunefetch.adapter.version", answer.adapter.ref if answer.adapter else "")
         span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
-        self.provenance.append(self._record(answer, generation))
+        # fsynced before the response goes out, off the event loop so other requests go on
+        await asyncio.to_thread(self.provenance.append, self._record(answer, generation))
 
-    def _resolve_model(self, model: str) -> AdapterVersion | None:
+    async def _resolve_model(self, model: str) -> AdapterVersion | None:
         if model == self.base_model["id"]:
             return None
         with self.tracer.start_as_current_span("resolve_model") as span:
-            try:
-                version = self.registry.get(model)
+            try:  # a registry may be remote (S3): look it up off the event loop
+                version = await asyncio.to_thread(self.registry.get, model)
             except UserError as exc:
                 raise APIError(404, f"model {model!r} does not exist ({exc})", code="model_not_found") from None
             span.set_attribute("tunefetch.adapter.name", version.name)

@@ -92,6 +92,7 @@ class AdapterRegistry:
         self.fs, self.root = open_filesystem(root)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "tunefetch-adapters"
+        self._records: dict[tuple[str, int], dict] = {}  # committed versions never change
 
     # -- writing -----------------------------------------------------------------------------
     def register(self, name: str, adapter_dir: Path, metadata: dict) -> AdapterVersion:
@@ -168,6 +169,8 @@ class AdapterRegistry:
     def get(self, ref: str) -> AdapterVersion:
         """`NAME@vN` exactly, or `NAME` for its newest version."""
         name, version = parse_ref(ref)
+        if (name, version) in self._records:  # an exact version seen before: no round trip
+            return AdapterVersion(name, version, f"{self.root}/{name}/v{version}", self._records[name, version])
         versions = self.versions(name)
         if not versions:
             raise NotFound(f"unknown adapter {name!r} (see `tunefetch adapters list`)")
@@ -175,7 +178,9 @@ class AdapterRegistry:
         if version not in versions:
             raise NotFound(f"adapter {name} has no version v{version}; versions: {', '.join(f'v{v}' for v in versions)}")
         location = f"{self.root}/{name}/v{version}"
-        return AdapterVersion(name, version, location, json.loads(self.read_text(location, "metadata.json")))
+        if (name, version) not in self._records:
+            self._records[name, version] = json.loads(self.read_text(location, "metadata.json"))
+        return AdapterVersion(name, version, location, self._records[name, version])
 
     def all(self) -> list[AdapterVersion]:
         return [self.get(f"{n}@v{v}") for n in self.names() for v in self.versions(n)]
