@@ -66,9 +66,6 @@ class EngineConfig(_Section):
     max_lora_rank: int = Field(16, ge=1)
     max_cpu_loras: int | None = Field(None, ge=1)
     kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU hosts (VLLM_CPU_KVCACHE_SPACE).")
-    cpu_threads: int | None = Field(
-        None, ge=1, description="Threads of the engine's kernels on CPU hosts; empty: the generator's whole num_cpus (Ray)."
-    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     seed: int = 0
 

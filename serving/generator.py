@@ -11,7 +11,6 @@ its own LoRA id for the life of the replica, so an id never points at other weig
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -42,15 +41,6 @@ def engine_env(engine: EngineConfig, on_gpu: bool) -> dict[str, str]:
     return env
 
 
-def _use_cpu_threads(threads: int) -> None:
-    """Ray sets OMP_NUM_THREADS to the replica's whole CPUs; `engine.cpu_threads` overrides it,
-    in this process and in the engine-core process it starts."""
-    import torch
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-
-
 @serve.deployment
 class Generator:
     def __init__(self, config: TunefetchConfig, model_path: str, served_model_name: str):
@@ -59,8 +49,6 @@ class Generator:
 
         setup_tracing(config.telemetry, "generator")
         engine = config.serving.engine
-        if engine.cpu_threads and config.serving.generator.num_gpus == 0:
-            _use_cpu_threads(engine.cpu_threads)
         self.model_name = served_model_name
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=model_path,
