@@ -34,9 +34,11 @@ def adapter_weights(home, ref: str) -> dict:
     return load_file(str(Path(AdapterRegistry(home / "adapters").get(ref).location) / "adapter_model.safetensors"))
 
 
-def test_zero3_saves_the_same_adapter_as_zero2(cli, home, local_model, tmp_path):
+def test_zero3_and_cpu_offload_save_the_same_adapter_as_zero2(cli, home, local_model, tmp_path):
     """Sharding forced on (persistence threshold 0): the gathered save is complete and loads in
-    peft, and equals the ZeRO-2 adapter trained on the same seed and data."""
+    peft, and equals the ZeRO-2 adapter trained on the same seed and data. With the optimizer
+    offloaded to host memory (really: DeepSpeed says so) ZeRO-2 computes the same fp32 steps."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -46,7 +48,15 @@ def test_zero3_saves_the_same_adapter_as_zero2(cli, home, local_model, tmp_path)
     z3 = cli("train", train_config(tmp_path, "zero-three", max_steps=4,
                                    deepspeed={"zero_stage": 3, "stage3_param_persistence_threshold": 0})
              ).stdout.strip().splitlines()[-1]
+    offload = cli("train", train_config(tmp_path, "zero-two-offload", max_steps=4,
+                                        deepspeed={"zero_stage": 2, "offload_optimizer": True})
+                  ).stdout.strip().splitlines()[-1]
+    offloaded = {ref: json.loads(cli("adapters", "show", ref).stdout.split("\n\n# Adapter")[0])["metrics"]
+                 ["optimizer_offloaded"] for ref in (z2, offload)}
+    assert offloaded == {z2: False, offload: True}
     w2, w3 = adapter_weights(home, z2), adapter_weights(home, z3)
+    for key, value in adapter_weights(home, offload).items():
+        assert torch.allclose(value, w2[key], atol=1e-7), key
     assert set(w2) == set(w3) and len(w3) == 2 * 2 * 2  # q,v x A,B x 2 layers
     for key in w2:
         assert w3[key].numel() > 0 and w3[key].shape == w2[key].shape

@@ -167,11 +167,18 @@ class LoraFinetuneRecipe:
                 break
         elapsed = time.perf_counter() - started
         metrics = {"train_loss": losses[-1] if losses else float("nan"), "steps": step, "resumed_from_step": start_step,
-                   "train_tokens_per_s": tokens * self.world_size / elapsed, "train_seconds": elapsed}
+                   "train_tokens_per_s": tokens * self.world_size / elapsed, "train_seconds": elapsed,
+                   "optimizer_offloaded": self._optimizer_offloaded()}
         eval_loss = self.evaluate()
         if eval_loss is not None:
             metrics["eval_loss"] = eval_loss
         return metrics
+
+    def _optimizer_offloaded(self) -> bool:
+        """Whether DeepSpeed really holds the optimizer states in host memory (what it did, not
+        what was asked: ZeRO-1/2 call it cpu_offload, ZeRO-3 offload_optimizer)."""
+        optimizer = self.engine.optimizer
+        return bool(getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False))
 
     # -- checkpoints (fault tolerance) -------------------------------------------------------
     def _checkpoint(self, step: int, loss: float) -> None:
