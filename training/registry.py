@@ -38,6 +38,7 @@ from cluster.errors import NotFound, UserError
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_-]{0,62})(?:@v(?P<version>\d+))?$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _CLAIM_ATTEMPTS = 20
+_LIST_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class AdapterRegistry:
             if self.local:  # object stores have no directories to make
                 self.fs.create_dir(f"{location}/.claims", recursive=True)
             self._write(claim, b"")
-            claims = self.fs.get_file_info(pafs.FileSelector(f"{location}/.claims", allow_not_found=True))
+            claims = self._list(f"{location}/.claims")
             if [c.path for c in claims if c.type == pafs.FileType.File] == [claim] and not self._exists(f"{location}/metadata.json"):
                 return version, location
             self.fs.delete_file(claim)
@@ -144,10 +145,22 @@ class AdapterRegistry:
     def _exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
+    def _list(self, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        """Entries under `path` (none if it does not exist). Racing writers withdraw claims and
+        move staged files, and a local listing fails on an entry gone between readdir and stat:
+        list again."""
+        for attempt in range(_LIST_ATTEMPTS):
+            try:
+                return self.fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+            except FileNotFoundError:
+                if attempt == _LIST_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        return []
+
     def _files(self, name: str) -> list[tuple[int, str]]:
         """(N, path inside vN) of every file under NAME/vN/, in one listing."""
-        entries = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{name}", recursive=True,
-                                                          allow_not_found=True))
+        entries = self._list(f"{self.root}/{name}", recursive=True)
         prefix = len(self.root) + len(name) + 2
         found = (re.fullmatch(r"v(\d+)/(.+)", e.path[prefix:]) for e in entries if e.type == pafs.FileType.File)
         return [(int(m.group(1)), m.group(2)) for m in found if m]
@@ -162,7 +175,7 @@ class AdapterRegistry:
         return sorted(n for n, path in self._files(name) if path == "metadata.json")
 
     def names(self) -> list[str]:
-        entries = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        entries = self._list(self.root)
         return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
                       and _REF.fullmatch(e.base_name) and self.versions(e.base_name))
 
