@@ -5,6 +5,7 @@ the bounded queue is shed with 429."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,11 +69,12 @@ def test_models_come_from_the_s3_registry(replicas):
 
 def test_each_adapter_stays_on_the_replica_that_holds_it(replicas, server):
     url, cli = replicas
-    for model in ADAPTERS:  # first use loads it on some replica; Serve learns which within ~0.1 s
-        ask(url, model, "warm up")
+    for model in ADAPTERS:  # first use loads it on some replica; the gateway's router learns
+        ask(url, model, "warm up")  # which one from the controller within a fraction of a second
+        time.sleep(1)
     seen: dict[str, set[str]] = {model: set() for model in ADAPTERS}
     reference: dict[str, str] = {}
-    for i in range(4):
+    for _ in range(4):
         for model in ADAPTERS:
             answer = ask(url, model, "How do I reset a K-200?")
             seen[model].add(replica_of(cli, answer))
