@@ -1,11 +1,17 @@
-"""Serving benchmark: tunefetch's HTTP path (Ray Serve gateway -> vLLM generator) vs a direct
-vLLM AsyncLLM call, same model, prompts, engine settings and machine, one run.
+"""Serving benchmark: tunefetch's HTTP path (Serve proxy -> gateway -> vLLM generator) vs a
+direct vLLM AsyncLLM call: same model, prompts, engine arguments and machine, one run.
 
-    .venv/bin/python bench/serving_bench.py [--requests 48] [--max-tokens 64] [--out FILE]
+    .venv/bin/python bench/serving_bench.py [--rounds 3] [--requests 96] [--max-tokens 64] [--out FILE]
+                                            [--no-pin-cpu-cores]   (ours without engine core pinning)
 
-Measures p50 latency at concurrency 1 and output tokens/s at concurrency 16 for both paths
-(greedy, so both generate the same tokens), then, through our path, a mix of the base model and
-two LoRA adapters vs base only. Each path runs in its own process so neither warms the other.
+Each path runs in its own process (neither warms the other), alternating for `--rounds`
+rounds, direct first in odd rounds and ours first in even ones, so drift on a shared machine
+falls on both. Per path: p50 latency at concurrency 1, output tokens/s at concurrency 16 for
+the base model and for a mix of the base model and two LoRA adapters (greedy: both paths
+generate the same tokens), and where the CPU went during the concurrency-16 run: the vLLM
+engine core process vs every other process on the machine (for us: Ray, the Serve proxy,
+gateway, generator replica and the HTTP client; for direct: the calling process), per request.
+The report gives every round and the medians of the per-round comparisons.
 """
 
 from __future__ import annotations
@@ -28,10 +34,36 @@ from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 QUESTIONS = ["What does error E-17 mean?", "How do I return a K-40?", "Tell me about DockStation installs.",
              "How long is the K-200 warranty?", "Who approves travel expenses?", "How do I update firmware?"]
+ADAPTERS = ("bench-a@v1", "bench-b@v1")
+ENGINE_TITLE = "VLLM::EngineCore"  # vLLM's process title for the engine core
 
 
 def prompts(n: int) -> list[str]:
     return [f"{QUESTIONS[i % len(QUESTIONS)]} (ticket {i})" for i in range(n)]
+
+
+def _cpu_seconds() -> dict[int, tuple[float, bool]]:
+    """CPU seconds used so far by every user-space process: {pid: (seconds, is engine core)}."""
+    tick = os.sysconf("SC_CLK_TCK")
+    usage = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if cmdline:  # kernel threads have none
+            usage[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, cmdline.startswith(ENGINE_TITLE.encode()))
+    return usage
+
+
+def _cpu_split(before: dict, after: dict) -> tuple[float, float]:
+    """(engine core, everything else) CPU seconds between two `_cpu_seconds` snapshots."""
+    engine = other = 0.0
+    for pid, (seconds, is_engine) in after.items():
+        used = seconds - before.get(pid, (0.0, False))[0]
+        engine, other = (engine + used, other) if is_engine else (engine, other + used)
+    return engine, other
 
 
 async def _measure(call, items, concurrency: int) -> dict:
@@ -46,47 +78,67 @@ async def _measure(call, items, concurrency: int) -> dict:
             latencies.append(time.perf_counter() - t0)
             return tokens
 
-    started = time.perf_counter()
+    cpu_before, started = _cpu_seconds(), time.perf_counter()
     tokens = sum(await asyncio.gather(*(one(i) for i in items)))
     elapsed = time.perf_counter() - started
-    return {"p50_ms": statistics.median(latencies) * 1000, "tokens_per_s": tokens / elapsed, "requests": len(items)}
+    engine_cpu, other_cpu = _cpu_split(cpu_before, _cpu_seconds())
+    return {"p50_ms": statistics.median(latencies) * 1000, "tokens_per_s": tokens / elapsed, "requests": len(items),
+            "engine_cpu_ms_per_request": engine_cpu * 1000 / len(items),
+            "other_cpu_ms_per_request": other_cpu * 1000 / len(items)}
+
+
+async def _suite(base, mix, n: int) -> dict:
+    """The same warm-up and measurements for both paths; `mix` spreads requests over the base
+    model and the adapters (its warm-up loads them)."""
+    await _measure(base, prompts(8), 4)
+    await _measure(mix, prompts(6), 6)
+    return {"c1": await _measure(base, prompts(max(n // 6, 8)), 1), "c16": await _measure(base, prompts(n), 16),
+            "c16_adapter_mix": await _measure(mix, prompts(n), 16)}
+
+
+def _pick(models: list, question: str):
+    return models[sum(map(ord, question)) % len(models)]
 
 
 def run_direct(home: Path, n: int, max_tokens: int) -> dict:
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})
     from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from cluster.config import load_config
+    from training.registry import AdapterRegistry
 
     engine_cfg = load_config(home=home).serving.engine
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(home / "models" / "tiny-llama"), max_model_len=engine_cfg.max_model_len, enable_lora=True,
         max_loras=engine_cfg.max_loras, max_lora_rank=engine_cfg.max_lora_rank, distributed_executor_backend="uni",
         max_num_seqs=engine_cfg.max_num_seqs, seed=0))
+    registry = AdapterRegistry(home / "adapters")
+    loras = [LoRARequest(ref, i, str(registry.local_dir(registry.get(ref)))) for i, ref in enumerate(ADAPTERS, 1)]
     tokenizer = engine.get_tokenizer()
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
     counter = iter(range(10**9))
 
-    async def call(question: str) -> int:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
-                                            add_generation_prompt=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        final = None
-        async for out in engine.generate({"prompt_token_ids": ids}, sampling, f"r{next(counter)}"):
-            final = out
-        return len(final.outputs[0].token_ids)
+    def caller(models):
+        async def call(question: str) -> int:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
+                                                add_generation_prompt=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            final = None
+            async for out in engine.generate({"prompt_token_ids": ids}, sampling, f"r{next(counter)}",
+                                             lora_request=_pick(models, question)):
+                final = out
+            return len(final.outputs[0].token_ids)
+        return call
 
-    async def main():
-        await _measure(call, prompts(4), 4)  # warm-up
-        return {"c1": await _measure(call, prompts(n // 3), 1), "c16": await _measure(call, prompts(n), 16)}
-
-    result = asyncio.run(main())
-    engine.shutdown()
-    return result
+    try:
+        return asyncio.run(_suite(caller([None]), caller([None, *loras]), n))
+    finally:
+        engine.shutdown()
 
 
-def run_ours(home: Path, n: int, max_tokens: int, port: int) -> dict:
+def run_ours(home: Path, n: int, max_tokens: int, port: int, pin: bool) -> dict:
     import httpx
     from ray import serve
 
@@ -95,11 +147,10 @@ def run_ours(home: Path, n: int, max_tokens: int, port: int) -> dict:
     from retrieval.milvus_endpoint import milvus_endpoint
     from serving.app import run_app
 
-    # The shipped defaults: the engine's kernel threads follow generator.num_cpus (1 of 2 cores
-    # here). Giving it both cores measured 0.46-0.54x instead of ~0.75x: the Serve proxy and
-    # the gateway then preempt the engine's threads.
+    # The shipped defaults: the engine's kernel threads follow generator.num_cpus (1 of 2 cores).
     config = load_config(home=home)
-    config = config.model_copy(update={"serving": config.serving.model_copy(update={"port": port})})
+    engine = config.serving.engine.model_copy(update={"pin_cpu_cores": pin})
+    config = config.model_copy(update={"serving": config.serving.model_copy(update={"port": port, "engine": engine})})
     configure_process(config)
     with ray_runtime(config), milvus_endpoint(config) as milvus:
         url = run_app(config, milvus)
@@ -108,20 +159,14 @@ def run_ours(home: Path, n: int, max_tokens: int, port: int) -> dict:
             async with httpx.AsyncClient(base_url=url, timeout=300) as client:
                 def caller(models):
                     async def call(question: str) -> int:
-                        model = models[hash(question) % len(models)]
-                        body = {"model": model, "messages": [{"role": "user", "content": question}],
+                        body = {"model": _pick(models, question), "messages": [{"role": "user", "content": question}],
                                 "max_tokens": max_tokens, "temperature": 0}
                         response = await client.post("/v1/chat/completions", json=body)
                         response.raise_for_status()
                         return response.json()["usage"]["completion_tokens"]
                     return call
 
-                base = caller(["tiny-llama"])
-                await _measure(base, prompts(4), 4)
-                mix = caller(["tiny-llama", "bench-a@v1", "bench-b@v1"])
-                await _measure(mix, prompts(6), 6)  # loads both adapters before measuring
-                return {"c1": await _measure(base, prompts(n // 3), 1), "c16": await _measure(base, prompts(n), 16),
-                        "c16_adapter_mix": await _measure(mix, prompts(n), 16)}
+                return await _suite(caller(["tiny-llama"]), caller(["tiny-llama", *ADAPTERS]), n)
 
         try:
             return asyncio.run(main())
@@ -141,20 +186,52 @@ def prepare(home: Path) -> None:
 
     model_dir = ensure_local_model(load_config(home=home))
     registry = AdapterRegistry(home / "adapters")
-    for seed, name in enumerate(("bench-a", "bench-b")):
+    for seed, ref in enumerate(ADAPTERS):
         torch.manual_seed(seed)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            registry.register(name, Path(tmp), {"run_id": "bench", "base_model": {"id": "tiny-llama"}})
+            registry.register(ref.split("@")[0], Path(tmp), {"run_id": "bench", "base_model": {"id": "tiny-llama"}})
+
+
+def _phase(phase: str, home: Path, args) -> dict:
+    pinning = ["--no-pin-cpu-cores"] if args.no_pin_cpu_cores else []
+    out = subprocess.run([sys.executable, __file__, "--phase", phase, "--home", str(home), "--requests",
+                          str(args.requests), "--max-tokens", str(args.max_tokens), *pinning],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare(direct: dict, ours: dict) -> dict:
+    """One round's comparisons."""
+    return {
+        "added_p50_ms_c1": ours["c1"]["p50_ms"] - direct["c1"]["p50_ms"],
+        "throughput_ratio_c16": ours["c16"]["tokens_per_s"] / direct["c16"]["tokens_per_s"],
+        "adapter_mix_vs_base_c16_ours": ours["c16_adapter_mix"]["tokens_per_s"] / ours["c16"]["tokens_per_s"],
+        "adapter_mix_vs_base_c16_direct": direct["c16_adapter_mix"]["tokens_per_s"] / direct["c16"]["tokens_per_s"],
+        "other_cpu_ms_per_request_c16_ours": ours["c16"]["other_cpu_ms_per_request"],
+        "other_cpu_ms_per_request_c16_direct": direct["c16"]["other_cpu_ms_per_request"],
+        "engine_cpu_ms_per_request_c16_ours": ours["c16"]["engine_cpu_ms_per_request"],
+        "engine_cpu_ms_per_request_c16_direct": direct["c16"]["engine_cpu_ms_per_request"],
+    }
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Median and range of each comparison over the rounds."""
+    keys = rounds[0]["compared"].keys()
+    return {k: {"median": statistics.median(r["compared"][k] for r in rounds),
+                "min": min(r["compared"][k] for r in rounds), "max": max(r["compared"][k] for r in rounds)}
+            for k in keys}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency-16 measurement")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-pin-cpu-cores", action="store_true", help="ours: serving.engine.pin_cpu_cores off")
     parser.add_argument("--phase", choices=["direct", "ours"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,25 +239,17 @@ def main() -> None:
         print(json.dumps(run_direct(args.home, args.requests, args.max_tokens)))
         return
     if args.phase == "ours":
-        print(json.dumps(run_ours(args.home, args.requests, args.max_tokens, 18123)))
+        print(json.dumps(run_ours(args.home, args.requests, args.max_tokens, 18123, not args.no_pin_cpu_cores)))
         return
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         prepare(home)
-        results = {}
-        for phase in ("direct", "ours"):
-            out = subprocess.run([sys.executable, __file__, "--phase", phase, "--home", str(home), "--requests",
-                                  str(args.requests), "--max-tokens", str(args.max_tokens)],
-                                 capture_output=True, text=True, check=True).stdout
-            results[phase] = json.loads(out.strip().splitlines()[-1])
-    d, o = results["direct"], results["ours"]
-    report = {
-        **results,
-        "added_p50_ms_c1": o["c1"]["p50_ms"] - d["c1"]["p50_ms"],
-        "throughput_ratio_c16": o["c16"]["tokens_per_s"] / d["c16"]["tokens_per_s"],
-        "adapter_mix_vs_base_c16": o["c16_adapter_mix"]["tokens_per_s"] / o["c16"]["tokens_per_s"],
-    }
-    emit(report, args.out)
+        for i in range(args.rounds):
+            order = ("direct", "ours") if i % 2 == 0 else ("ours", "direct")
+            result = {phase: _phase(phase, home, args) for phase in order}
+            rounds.append({**result, "compared": compare(result["direct"], result["ours"])})
+    emit({"machine": {"cpus": os.cpu_count()}, "pin_cpu_cores": not args.no_pin_cpu_cores, "summary": summarize(rounds), "rounds": rounds}, args.out)
 
 
 if __name__ == "__main__":

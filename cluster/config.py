@@ -68,6 +68,9 @@ class EngineConfig(_Section):
     kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU hosts (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     seed: int = 0
+    pin_cpu_cores: bool = Field(
+        True, description="CPU hosts: the engine core process runs alone on floor(generator.num_cpus) cores of "
+        "its node, claimed so replicas never share one, and at least one core stays for everything else.")
 
 
 class DeploymentOptions(_Section):

@@ -11,15 +11,20 @@ its own LoRA id for the life of the replica, so an id never points at other weig
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from ray import serve
 
 from cluster.config import EngineConfig, TunefetchConfig
 from cluster.telemetry import extract_context, setup_tracing, tracer
+from serving.cpu_cores import CoreClaim, claim_cores, start_on
 from serving.protocol import APIError
 from training.registry import open_registry
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -41,16 +46,46 @@ def engine_env(engine: EngineConfig, on_gpu: bool) -> dict[str, str]:
     return env
 
 
+def _claim_engine_cores(config: TunefetchConfig) -> CoreClaim | None:
+    """On CPU hosts, cores of its own for the engine core (serving/cpu_cores.py)."""
+    generator = config.serving.generator
+    if not config.serving.engine.pin_cpu_cores or generator.num_gpus > 0:
+        return None
+    claim = claim_cores(int(generator.num_cpus))
+    if claim is None:
+        logger.warning("engine core not pinned: no %d free core(s) on this node with one left over",
+                       int(generator.num_cpus))
+    else:
+        logger.info("engine core pinned to CPU core(s) %s", sorted(claim.cores))
+    return claim
+
+
 @serve.deployment
 class Generator:
     def __init__(self, config: TunefetchConfig, model_path: str, served_model_name: str):
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         setup_tracing(config.telemetry, "generator")
         engine = config.serving.engine
         self.model_name = served_model_name
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        self.cores = _claim_engine_cores(config)
+        with start_on(self.cores.cores) if self.cores else nullcontext():
+            self.engine = self._start_engine(engine, model_path, served_model_name)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.max_model_len = engine.max_model_len
+        self.registry = open_registry(config)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._lora_ids: dict[str, int] = {}
+
+        async def load(ref: str):
+            return await self._load_adapter(ref)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=engine.max_cpu_loras or engine.max_loras)(load)
+
+    @staticmethod
+    def _start_engine(engine: EngineConfig, model_path: str, served_model_name: str):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=model_path,
             served_model_name=served_model_name,
             dtype=engine.dtype,
@@ -65,16 +100,6 @@ class Generator:
             distributed_executor_backend="uni" if engine.tensor_parallel_size == 1 else None,
             seed=engine.seed,
         ))
-        self.tokenizer = self.engine.get_tokenizer()
-        self.max_model_len = engine.max_model_len
-        self.registry = open_registry(config)
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self._lora_ids: dict[str, int] = {}
-
-        async def load(ref: str):
-            return await self._load_adapter(ref)
-
-        self._adapter = serve.multiplexed(max_num_models_per_replica=engine.max_cpu_loras or engine.max_loras)(load)
 
     async def _load_adapter(self, ref: str):
         from vllm.lora.request import LoRARequest
@@ -173,3 +198,5 @@ class Generator:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        if getattr(self, "cores", None):
+            self.cores.release()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import KB, SAMPLE
+from serving.cpu_cores import CLAIMS_DIR
 
 BASE = "tiny-llama"
 
@@ -253,3 +257,29 @@ def test_an_adapter_registered_while_serving_is_servable_at_once(server, home, a
     body = chat(server, late, "Hello there").json()
     assert body["model"] == late
     assert body["choices"][0]["message"]["content"] == chat(server, adapter, "Hello there").json()["choices"][0]["message"]["content"]
+
+
+def _affinity(pid: int | str) -> set[int]:
+    return os.sched_getaffinity(int(pid))
+
+
+def _processes_titled(title: str) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title.encode()):
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning leaves one core for everything else")
+def test_the_engine_core_runs_alone_on_a_claimed_core(server):
+    pinned = [pid for pid in _processes_titled("VLLM::EngineCore") if len(_affinity(pid)) == 1]
+    assert len(pinned) == 1, "the server's engine core is pinned to one core (generator.num_cpus: 1)"
+    (core,) = _affinity(pinned[0])
+    replica = Path(f"/proc/{pinned[0]}/stat").read_text().rsplit(")", 1)[1].split()[1]  # the parent pid
+    assert all(core not in _affinity(tid) for tid in os.listdir(f"/proc/{replica}/task")), "replica threads keep off"
+    with open(CLAIMS_DIR / f"cpu{core}", "a") as claim, pytest.raises(BlockingIOError):
+        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the replica: no other replica gets it
