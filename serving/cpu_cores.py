@@ -4,8 +4,8 @@ On a CPU host the engine core process is the bottleneck, and the threads of the 
 the gateway and the replica itself wake up on whatever core it runs on and preempt it. Pinned
 to cores of its own, with the replica's other threads kept off them, the kernel moves the rest
 of the work to the other cores (vLLM's advice for CPU serving: dedicated cores for the engine,
-the others for the API server). On 2 cores this doubled our concurrency-16 throughput in A/B
-runs (README, Performance).
+the others for the API server). On 2 cores this raised concurrency-16 throughput by about a
+quarter and cut concurrency-1 latency in A/B runs (README, Performance).
 
 Cores are claimed node-wide with flock'd files, so generator replicas of any app on the node
 never share a core; a claim always leaves one core unclaimed, and a lock ends with its process.

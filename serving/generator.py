@@ -49,12 +49,12 @@ def engine_env(engine: EngineConfig, on_gpu: bool) -> dict[str, str]:
 def _claim_engine_cores(config: TunefetchConfig) -> CoreClaim | None:
     """On CPU hosts, cores of its own for the engine core (serving/cpu_cores.py)."""
     generator = config.serving.generator
-    if not config.serving.engine.pin_cpu_cores or generator.num_gpus > 0:
+    count = int(generator.num_cpus)  # the engine's kernel threads: Ray sets OMP_NUM_THREADS from num_cpus
+    if not config.serving.engine.pin_cpu_cores or generator.num_gpus > 0 or count < 1:
         return None
-    claim = claim_cores(int(generator.num_cpus))
+    claim = claim_cores(count)
     if claim is None:
-        logger.warning("engine core not pinned: no %d free core(s) on this node with one left over",
-                       int(generator.num_cpus))
+        logger.warning("engine core not pinned: no %d free core(s) on this node with one left over", count)
     else:
         logger.info("engine core pinned to CPU core(s) %s", sorted(claim.cores))
     return claim
