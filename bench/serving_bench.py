@@ -1,17 +1,22 @@
 """Serving benchmark: tunefetch's HTTP path (Serve proxy -> gateway -> vLLM generator) vs a
-direct vLLM AsyncLLM call: same model, prompts, engine arguments and machine, one run.
+direct vLLM AsyncLLM call: same model, prompts, engine arguments and machine, one run. A third
+path, Ray Serve's floor, is the same shape with no model (HTTP -> proxy -> FastAPI ingress ->
+handle -> deployment): what Ray Serve itself costs per request on this machine.
 
     .venv/bin/python bench/serving_bench.py [--rounds 3] [--requests 96] [--max-tokens 64] [--out FILE]
                                             [--no-pin-cpu-cores]   (ours without engine core pinning)
 
-Each path runs in its own process (neither warms the other), alternating for `--rounds`
-rounds, direct first in odd rounds and ours first in even ones, so drift on a shared machine
-falls on both. Per path: p50 latency at concurrency 1, output tokens/s at concurrency 16 for
-the base model and for a mix of the base model and two LoRA adapters (greedy: both paths
-generate the same tokens), and where the CPU went during the concurrency-16 run: the vLLM
+Each path runs in its own process (none warms another), for `--rounds` rounds, the order
+rotating each round so drift on a shared machine falls on all. HTTP requests come from an
+aiohttp client in the benchmark process (as in vLLM's own serving benchmark). Per path: p50
+latency at concurrency 1, output tokens/s at concurrency 16 for the base model and for a mix
+of the base model and two LoRA adapters (greedy: both paths generate the same tokens), and where the CPU went during the concurrency-16 run: the vLLM
 engine core process vs every other process on the machine (for us: Ray, the Serve proxy,
 gateway, generator replica and the HTTP client; for direct: the calling process), per request.
-The report gives every round and the medians of the per-round comparisons.
+The floor's deployment answers after FLOOR_ANSWER_S without using CPU (about our request rate
+at concurrency 16), so its CPU per request is the Serve path alone; its reported p50 at
+concurrency 1 has that wait taken off. The report gives every round
+and the medians of the per-round comparisons.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the floor's annotations here)
 from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 QUESTIONS = ["What does error E-17 mean?", "How do I return a K-40?", "Tell me about DockStation installs.",
              "How long is the K-200 warranty?", "Who approves travel expenses?", "How do I update firmware?"]
 ADAPTERS = ("bench-a@v1", "bench-b@v1")
 ENGINE_TITLE = "VLLM::EngineCore"  # vLLM's process title for the engine core
+PHASES = ("direct", "ours", "floor")
+FLOOR_ANSWER_S = 0.5
 
 
 def prompts(n: int) -> list[str]:
@@ -88,12 +96,14 @@ async def _measure(call, items, concurrency: int) -> dict:
 
 
 async def _suite(base, mix, n: int) -> dict:
-    """The same warm-up and measurements for both paths; `mix` spreads requests over the base
-    model and the adapters (its warm-up loads them)."""
+    """The same warm-up and measurements for every path; `mix` (None for the floor) spreads
+    requests over the base model and the adapters (its warm-up loads them)."""
     await _measure(base, prompts(8), 4)
-    await _measure(mix, prompts(6), 6)
-    return {"c1": await _measure(base, prompts(max(n // 6, 8)), 1), "c16": await _measure(base, prompts(n), 16),
-            "c16_adapter_mix": await _measure(mix, prompts(n), 16)}
+    results = {"c1": await _measure(base, prompts(max(n // 6, 8)), 1), "c16": await _measure(base, prompts(n), 16)}
+    if mix is not None:
+        await _measure(mix, prompts(6), 6)
+        results["c16_adapter_mix"] = await _measure(mix, prompts(n), 16)
+    return results
 
 
 def _pick(models: list, question: str):
@@ -138,8 +148,27 @@ def run_direct(home: Path, n: int, max_tokens: int) -> dict:
         engine.shutdown()
 
 
+def _http_suite(url: str, models: tuple[list, list | None], n: int, max_tokens: int) -> dict:
+    """`_suite` over HTTP: OpenAI chat requests to `url`; models = (base, mix or None)."""
+    import aiohttp
+
+    async def main():
+        async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=300)) as session:
+            def caller(choices):
+                async def call(question: str) -> int:
+                    body = {"model": _pick(choices, question), "messages": [{"role": "user", "content": question}],
+                            "max_tokens": max_tokens, "temperature": 0}
+                    async with session.post("/v1/chat/completions", json=body) as response:
+                        response.raise_for_status()
+                        return (await response.json())["usage"]["completion_tokens"]
+                return call
+
+            return await _suite(caller(models[0]), models[1] and caller(models[1]), n)
+
+    return asyncio.run(main())
+
+
 def run_ours(home: Path, n: int, max_tokens: int, port: int, pin: bool) -> dict:
-    import httpx
     from ray import serve
 
     from cluster.config import load_config
@@ -153,23 +182,55 @@ def run_ours(home: Path, n: int, max_tokens: int, port: int, pin: bool) -> dict:
     config = config.model_copy(update={"serving": config.serving.model_copy(update={"port": port, "engine": engine})})
     configure_process(config)
     with ray_runtime(config), milvus_endpoint(config) as milvus:
-        url = run_app(config, milvus)
-
-        async def main():
-            async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-                def caller(models):
-                    async def call(question: str) -> int:
-                        body = {"model": _pick(models, question), "messages": [{"role": "user", "content": question}],
-                                "max_tokens": max_tokens, "temperature": 0}
-                        response = await client.post("/v1/chat/completions", json=body)
-                        response.raise_for_status()
-                        return response.json()["usage"]["completion_tokens"]
-                    return call
-
-                return await _suite(caller(["tiny-llama"]), caller(["tiny-llama", *ADAPTERS]), n)
-
         try:
-            return asyncio.run(main())
+            return _http_suite(run_app(config, milvus), (["tiny-llama"], ["tiny-llama", *ADAPTERS]), n, max_tokens)
+        finally:
+            serve.shutdown()
+
+
+def _floor_app():
+    """Ray Serve with nothing in it: a FastAPI ingress calling a deployment by handle, which
+    answers a fixed text after FLOOR_ANSWER_S of sleep (no CPU), like a generation would."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+    class Answerer:
+        async def generate(self, messages: list, max_tokens: int) -> dict:
+            await asyncio.sleep(FLOOR_ANSWER_S)
+            return {"text": "word " * max_tokens, "completion_tokens": max_tokens}
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, answerer):
+            self.answerer = answerer
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> dict:
+            body = await request.json()
+            out = await self.answerer.generate.remote(body["messages"], body["max_tokens"])
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]}}],
+                    "usage": {"completion_tokens": out["completion_tokens"]}}
+
+    return Ingress.bind(Answerer.bind())
+
+
+def run_floor(home: Path, n: int, max_tokens: int, port: int) -> dict:
+    from ray import serve
+
+    from cluster.config import load_config
+    from cluster.runtime import configure_process, ray_runtime
+
+    config = load_config(home=home)
+    configure_process(config)
+    with ray_runtime(config):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(_floor_app(), name="floor", route_prefix="/")
+        try:
+            return _http_suite(f"http://127.0.0.1:{port}", (["floor"], None), n, max_tokens)
         finally:
             serve.shutdown()
 
@@ -203,15 +264,17 @@ def _phase(phase: str, home: Path, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def compare(direct: dict, ours: dict) -> dict:
+def compare(direct: dict, ours: dict, floor: dict) -> dict:
     """One round's comparisons."""
     return {
         "added_p50_ms_c1": ours["c1"]["p50_ms"] - direct["c1"]["p50_ms"],
+        "serve_floor_p50_ms_c1": floor["c1"]["p50_ms"] - FLOOR_ANSWER_S * 1000,
         "throughput_ratio_c16": ours["c16"]["tokens_per_s"] / direct["c16"]["tokens_per_s"],
         "adapter_mix_vs_base_c16_ours": ours["c16_adapter_mix"]["tokens_per_s"] / ours["c16"]["tokens_per_s"],
         "adapter_mix_vs_base_c16_direct": direct["c16_adapter_mix"]["tokens_per_s"] / direct["c16"]["tokens_per_s"],
         "other_cpu_ms_per_request_c16_ours": ours["c16"]["other_cpu_ms_per_request"],
         "other_cpu_ms_per_request_c16_direct": direct["c16"]["other_cpu_ms_per_request"],
+        "other_cpu_ms_per_request_c16_serve_floor": floor["c16"]["other_cpu_ms_per_request"],
         "engine_cpu_ms_per_request_c16_ours": ours["c16"]["engine_cpu_ms_per_request"],
         "engine_cpu_ms_per_request_c16_direct": direct["c16"]["engine_cpu_ms_per_request"],
     }
@@ -232,7 +295,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-pin-cpu-cores", action="store_true", help="ours: serving.engine.pin_cpu_cores off")
-    parser.add_argument("--phase", choices=["direct", "ours"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase == "direct":
@@ -241,14 +304,17 @@ def main() -> None:
     if args.phase == "ours":
         print(json.dumps(run_ours(args.home, args.requests, args.max_tokens, 18123, not args.no_pin_cpu_cores)))
         return
+    if args.phase == "floor":
+        print(json.dumps(run_floor(args.home, args.requests, args.max_tokens, 18124)))
+        return
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         prepare(home)
         for i in range(args.rounds):
-            order = ("direct", "ours") if i % 2 == 0 else ("ours", "direct")
+            order = PHASES[i % 3:] + PHASES[:i % 3]
             result = {phase: _phase(phase, home, args) for phase in order}
-            rounds.append({**result, "compared": compare(result["direct"], result["ours"])})
+            rounds.append({**result, "compared": compare(result["direct"], result["ours"], result["floor"])})
     emit({"machine": {"cpus": os.cpu_count()}, "pin_cpu_cores": not args.no_pin_cpu_cores, "summary": summarize(rounds), "rounds": rounds}, args.out)
 
 
