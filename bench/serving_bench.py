@@ -1,7 +1,10 @@
 """Serving benchmark: tunefetch's HTTP path (Serve proxy -> gateway -> vLLM generator) vs a
 direct vLLM AsyncLLM call: same model, prompts, engine arguments and machine, one run. A third
 path, Ray Serve's floor, is the same shape with no model (HTTP -> proxy -> FastAPI ingress ->
-handle -> deployment): what Ray Serve itself costs per request on this machine.
+handle -> deployment): what Ray Serve itself costs per request on this machine. A fourth,
+direct vLLM with its engine core placed as our generator places it on a CPU host (alone on one
+core, one thread), separates what the engine loses by sharing the machine with Serve from what
+the Serve path costs.
 
     .venv/bin/python bench/serving_bench.py [--rounds 3] [--requests 96] [--max-tokens 64] [--out FILE]
                                             [--no-pin-cpu-cores]   (ours without engine core pinning)
@@ -10,13 +13,15 @@ Each path runs in its own process (none warms another), for `--rounds` rounds, t
 rotating each round so drift on a shared machine falls on all. HTTP requests come from an
 aiohttp client in the benchmark process (as in vLLM's own serving benchmark). Per path: p50
 latency at concurrency 1, output tokens/s at concurrency 16 for the base model and for a mix
-of the base model and two LoRA adapters (greedy: both paths generate the same tokens), and where the CPU went during the concurrency-16 run: the vLLM
-engine core process vs every other process on the machine (for us: Ray, the Serve proxy,
-gateway, generator replica and the HTTP client; for direct: the calling process), per request.
+of the base model and two LoRA adapters (greedy: both paths generate the same tokens), and
+where the CPU went during the concurrency-16 run: the vLLM engine core process vs every other
+process on the machine (for us: Ray, the Serve proxy, gateway, generator replica and the HTTP
+client; for direct: the calling process), per request. For us, the provenance records of the
+base-model runs also split their p50 into time in the gateway and in the generator replica.
 The floor's deployment answers after FLOOR_ANSWER_S without using CPU (about our request rate
 at concurrency 16), so its CPU per request is the Serve path alone; its reported p50 at
-concurrency 1 has that wait taken off. The report gives every round
-and the medians of the per-round comparisons.
+concurrency 1 has that wait taken off. The report gives every round and the medians of the
+per-round comparisons.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +48,7 @@ QUESTIONS = ["What does error E-17 mean?", "How do I return a K-40?", "Tell me a
              "How long is the K-200 warranty?", "Who approves travel expenses?", "How do I update firmware?"]
 ADAPTERS = ("bench-a@v1", "bench-b@v1")
 ENGINE_TITLE = "VLLM::EngineCore"  # vLLM's process title for the engine core
-PHASES = ("direct", "ours", "floor")
+PHASES = ("direct", "ours", "floor", "direct_one_core")
 FLOOR_ANSWER_S = 0.5
 
 
@@ -86,13 +92,13 @@ async def _measure(call, items, concurrency: int) -> dict:
             latencies.append(time.perf_counter() - t0)
             return tokens
 
-    cpu_before, started = _cpu_seconds(), time.perf_counter()
+    cpu_before, started, wall_start = _cpu_seconds(), time.perf_counter(), time.time()
     tokens = sum(await asyncio.gather(*(one(i) for i in items)))
     elapsed = time.perf_counter() - started
     engine_cpu, other_cpu = _cpu_split(cpu_before, _cpu_seconds())
     return {"p50_ms": statistics.median(latencies) * 1000, "tokens_per_s": tokens / elapsed, "requests": len(items),
             "engine_cpu_ms_per_request": engine_cpu * 1000 / len(items),
-            "other_cpu_ms_per_request": other_cpu * 1000 / len(items)}
+            "other_cpu_ms_per_request": other_cpu * 1000 / len(items), "window": [wall_start, time.time()]}
 
 
 async def _suite(base, mix, n: int) -> dict:
@@ -110,20 +116,30 @@ def _pick(models: list, question: str):
     return models[sum(map(ord, question)) % len(models)]
 
 
-def run_direct(home: Path, n: int, max_tokens: int) -> dict:
+def run_direct(home: Path, n: int, max_tokens: int, one_core: bool = False) -> dict:
+    """one_core: the engine core placed as our generator places it on a CPU host (one thread,
+    alone on a claimed core, this process on the others): the engine's share of the machine
+    under Serve, without Serve."""
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    if one_core:
+        os.environ["OMP_NUM_THREADS"] = "1"  # as Ray sets it for a 1-CPU generator replica
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from cluster.config import load_config
+    from serving.cpu_cores import claim_cores, start_on
     from training.registry import AdapterRegistry
 
     engine_cfg = load_config(home=home).serving.engine
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(home / "models" / "tiny-llama"), max_model_len=engine_cfg.max_model_len, enable_lora=True,
-        max_loras=engine_cfg.max_loras, max_lora_rank=engine_cfg.max_lora_rank, distributed_executor_backend="uni",
-        max_num_seqs=engine_cfg.max_num_seqs, seed=0))
+    claim = claim_cores(1) if one_core else None
+    if one_core and claim is None:
+        raise SystemExit("--phase direct_one_core needs 2 free CPU cores")
+    with start_on(claim.cores) if claim else nullcontext():
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=str(home / "models" / "tiny-llama"), max_model_len=engine_cfg.max_model_len, enable_lora=True,
+            max_loras=engine_cfg.max_loras, max_lora_rank=engine_cfg.max_lora_rank,
+            distributed_executor_backend="uni", max_num_seqs=engine_cfg.max_num_seqs, seed=0))
     registry = AdapterRegistry(home / "adapters")
     loras = [LoRARequest(ref, i, str(registry.local_dir(registry.get(ref)))) for i, ref in enumerate(ADAPTERS, 1)]
     tokenizer = engine.get_tokenizer()
@@ -175,6 +191,7 @@ def run_ours(home: Path, n: int, max_tokens: int, port: int, pin: bool) -> dict:
     from cluster.runtime import configure_process, ray_runtime
     from retrieval.milvus_endpoint import milvus_endpoint
     from serving.app import run_app
+    from serving.provenance import ProvenanceLog
 
     # The shipped defaults: the engine's kernel threads follow generator.num_cpus (1 of 2 cores).
     config = load_config(home=home)
@@ -183,9 +200,20 @@ def run_ours(home: Path, n: int, max_tokens: int, port: int, pin: bool) -> dict:
     configure_process(config)
     with ray_runtime(config), milvus_endpoint(config) as milvus:
         try:
-            return _http_suite(run_app(config, milvus), (["tiny-llama"], ["tiny-llama", *ADAPTERS]), n, max_tokens)
+            results = _http_suite(run_app(config, milvus), (["tiny-llama"], ["tiny-llama", *ADAPTERS]), n, max_tokens)
         finally:
             serve.shutdown()
+    for measurement in ("c1", "c16"):
+        results[measurement].update(_time_inside(ProvenanceLog(config.paths.provenance), results[measurement]["window"]))
+    return results
+
+
+def _time_inside(log, window: list[float]) -> dict:
+    """Where the time of a measurement's requests went, from their provenance records: p50 in
+    the gateway and in the generator replica (the rest of the client's p50 is HTTP + proxy)."""
+    records = [r for r in log.recent(10**6) if window[0] <= r["time"] <= window[1]]
+    return {"gateway_p50_ms": statistics.median(r["latency_ms"] for r in records),
+            "generator_p50_ms": statistics.median(r["generation_ms"] for r in records)}
 
 
 def _floor_app():
@@ -264,12 +292,22 @@ def _phase(phase: str, home: Path, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def compare(direct: dict, ours: dict, floor: dict) -> dict:
+def compare(direct: dict, ours: dict, floor: dict, direct_one_core: dict) -> dict:
     """One round's comparisons."""
     return {
         "added_p50_ms_c1": ours["c1"]["p50_ms"] - direct["c1"]["p50_ms"],
+        "added_p50_ms_c1_vs_direct_one_core": ours["c1"]["p50_ms"] - direct_one_core["c1"]["p50_ms"],
+        "p50_ms_c1_ours_in_gateway": ours["c1"]["gateway_p50_ms"],
+        "p50_ms_c1_ours_in_generator": ours["c1"]["generator_p50_ms"],
         "serve_floor_p50_ms_c1": floor["c1"]["p50_ms"] - FLOOR_ANSWER_S * 1000,
         "throughput_ratio_c16": ours["c16"]["tokens_per_s"] / direct["c16"]["tokens_per_s"],
+        "throughput_ratio_c16_vs_direct_one_core": ours["c16"]["tokens_per_s"] / direct_one_core["c16"]["tokens_per_s"],
+        "direct_one_core_vs_direct_c16": direct_one_core["c16"]["tokens_per_s"] / direct["c16"]["tokens_per_s"],
+        "p50_ms_c16_ours": ours["c16"]["p50_ms"],
+        "p50_ms_c16_ours_in_gateway": ours["c16"]["gateway_p50_ms"],
+        "p50_ms_c16_ours_in_generator": ours["c16"]["generator_p50_ms"],
+        "p50_ms_c16_direct": direct["c16"]["p50_ms"],
+        "p50_ms_c16_direct_one_core": direct_one_core["c16"]["p50_ms"],
         "adapter_mix_vs_base_c16_ours": ours["c16_adapter_mix"]["tokens_per_s"] / ours["c16"]["tokens_per_s"],
         "adapter_mix_vs_base_c16_direct": direct["c16_adapter_mix"]["tokens_per_s"] / direct["c16"]["tokens_per_s"],
         "other_cpu_ms_per_request_c16_ours": ours["c16"]["other_cpu_ms_per_request"],
@@ -298,8 +336,8 @@ def main() -> None:
     parser.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.phase == "direct":
-        print(json.dumps(run_direct(args.home, args.requests, args.max_tokens)))
+    if args.phase in ("direct", "direct_one_core"):
+        print(json.dumps(run_direct(args.home, args.requests, args.max_tokens, args.phase == "direct_one_core")))
         return
     if args.phase == "ours":
         print(json.dumps(run_ours(args.home, args.requests, args.max_tokens, 18123, not args.no_pin_cpu_cores)))
@@ -312,9 +350,9 @@ def main() -> None:
         home = Path(tmp)
         prepare(home)
         for i in range(args.rounds):
-            order = PHASES[i % 3:] + PHASES[:i % 3]
+            order = PHASES[i % len(PHASES):] + PHASES[:i % len(PHASES)]
             result = {phase: _phase(phase, home, args) for phase in order}
-            rounds.append({**result, "compared": compare(result["direct"], result["ours"], result["floor"])})
+            rounds.append({**result, "compared": compare(**result)})
     emit({"machine": {"cpus": os.cpu_count()}, "pin_cpu_cores": not args.no_pin_cpu_cores, "summary": summarize(rounds), "rounds": rounds}, args.out)
 
 

@@ -245,6 +245,10 @@ def _print_lineage(record: dict, config: TunefetchConfig) -> None:
         for chunk in retrieval["chunks"]:
             _say(f"    {chunk['doc_id']}  chunk {chunk['chunk_id']}  score {chunk['score']:.3f}")
     _say(f"  output sha256 {record['output_hash'][:16]}")
+    if record.get("latency_ms") is not None:
+        parts = [f"{name} {record[f'{name}_ms']:.0f} ms" for name in ("retrieval", "generation")
+                 if record.get(f"{name}_ms") is not None]
+        _say(f"  time: {record['latency_ms']:.0f} ms in the gateway" + (f" ({', '.join(parts)})" if parts else ""))
 
 
 def cmd_demo(args: Namespace, config: TunefetchConfig) -> int:

@@ -9,6 +9,7 @@ empty, as every OpenTelemetry user expects.
 from __future__ import annotations
 
 import threading
+import time
 
 from cluster.config import TelemetryConfig
 
@@ -59,6 +60,11 @@ def shutdown_tracing() -> None:
     provider = trace.get_tracer_provider()
     if hasattr(provider, "shutdown"):
         provider.shutdown()
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since a `time.perf_counter()` reading, for records that carry timings."""
+    return round((time.perf_counter() - started) * 1000, 2)
 
 
 def tracer(name: str = "tunefetch"):

@@ -22,6 +22,7 @@ class Answer:
     span: object
     started: float
     abstained: bool = False  # nothing relevant was retrieved and the policy is to abstain
+    retrieval_ms: float | None = None  # the retrieval call, as the gateway saw it
     provenance_id: str = field(default_factory=new_provenance_id)
     id: str = ""
     created: int = field(default_factory=now)

@@ -21,8 +21,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from cluster.config import TunefetchConfig
 from cluster.errors import UserError
-from cluster.telemetry import (extract_context, inject_context, setup_tracing, trace_id_of, traceparent_of,
-                               tracer)
+from cluster.telemetry import (extract_context, inject_context, ms_since, setup_tracing, trace_id_of,
+                               traceparent_of, tracer)
 from serving.answer import Answer, abstention, abstention_stream, sampling_params, sse, usage
 from serving.generator import Generation
 from serving.prompts import TEMPLATE_VERSION, last_user_message, with_context
@@ -166,8 +166,10 @@ class Gateway:
     async def _ground(self, answer: Answer, prompt: dict, query: str) -> dict:
         """Retrieves, applies the relevance policy, and puts the passages into the prompt."""
         options = answer.request.retrieval
+        started = time.perf_counter()
         retrieved = await self.retriever.retrieve.remote(options.kb, query, options.top_k, options.filters,
                                                          inject_context())
+        answer.retrieval_ms = ms_since(started)
         policy = self.rag_policy.merged(options)
         answer.retrieved = replace(retrieved, hits=[h for h in retrieved.hits if h.score >= policy.min_score])
         answer.span.set_attribute("tunefetch.retrieval.relevant_hits", len(answer.retrieved.hits))
@@ -193,12 +195,12 @@ class Gateway:
         texts: dict[int, str] = {}
         reasons: dict[int, str | None] = {}
         counts = {"prompt_tokens": 0, "completion_tokens": 0}
-        replica = None
+        replica = elapsed_ms = None
         try:
             yield sse(answer.chunk([{"index": i, **answer.delta("", first=True)} for i in range(answer.n)]))
             async for item in chunks:
                 if "usage" in item:
-                    counts, replica = item["usage"], item.get("replica")
+                    counts, replica, elapsed_ms = item["usage"], item.get("replica"), item.get("elapsed_ms")
                     continue
                 texts[item["index"]] = texts.get(item["index"], "") + item["text"]
                 reasons[item["index"]] = item["finish_reason"]
@@ -206,7 +208,7 @@ class Gateway:
                                           "finish_reason": item["finish_reason"]}]))
             generation = Generation([texts.get(i, "") for i in range(answer.n)],
                                     [reasons.get(i) for i in range(answer.n)],
-                                    counts["prompt_tokens"], counts["completion_tokens"], replica)
+                                    counts["prompt_tokens"], counts["completion_tokens"], replica, elapsed_ms)
             await self._finish(answer, generation)
             if answer.include_usage:
                 yield sse(answer.chunk([], usage=usage(generation)))
@@ -251,7 +253,9 @@ class Gateway:
             "request_id": answer.provenance_id.removeprefix("prov-"),
             "trace_id": trace_id_of(answer.span),
             "time": time.time(),
-            "latency_ms": round((time.perf_counter() - answer.started) * 1000, 2),
+            "latency_ms": ms_since(answer.started),  # in the gateway, of which:
+            "retrieval_ms": answer.retrieval_ms,  # the retrieval call (None: no retrieval)
+            "generation_ms": generation.elapsed_ms,  # in the generator replica (None: abstained)
             "requested_model": answer.request.model,
             "stream": answer.request.stream,
             "base_model": self.base_model,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from cluster.config import EngineConfig, TunefetchConfig
-from cluster.telemetry import extract_context, setup_tracing, tracer
+from cluster.telemetry import extract_context, ms_since, setup_tracing, tracer
 from serving.cpu_cores import CoreClaim, claim_cores, start_on
 from serving.protocol import APIError
 from training.registry import open_registry
@@ -34,6 +35,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     replica: str | None = None  # the generator replica that produced it
+    elapsed_ms: float | None = None  # time in that replica: prompt rendering to the last token
 
 
 def engine_env(engine: EngineConfig, on_gpu: bool) -> dict[str, str]:
@@ -150,6 +152,7 @@ class Generator:
         """prompt: {"messages": [...]} (chat template applied here) or {"text": "..."}."""
         from vllm.sampling_params import RequestOutputKind
 
+        started = time.perf_counter()
         with self._span(trace) as span:
             ids, sampling = self._prepare(prompt, params, RequestOutputKind.FINAL_ONLY)
             lora = await self._lora_request()
@@ -164,14 +167,17 @@ class Generator:
                 prompt_tokens=len(ids),
                 completion_tokens=sum(len(o.token_ids) for o in completions),
                 replica=self.replica,
+                elapsed_ms=ms_since(started),
             )
             self._describe(span, prompt, lora, params, (result.prompt_tokens, result.completion_tokens))
             return result
 
     async def generate_stream(self, prompt: dict, params: dict, trace: dict):
-        """Yields {"index", "text", "finish_reason"} deltas, then one {"usage": {...}, "replica"} item."""
+        """Yields {"index", "text", "finish_reason"} deltas, then one {"usage", "replica", "elapsed_ms"}
+        item."""
         from vllm.sampling_params import RequestOutputKind
 
+        started = time.perf_counter()
         with self._span(trace) as span:
             # Cumulative outputs, diffed here: vLLM coalesces steps under load, and the running
             # totals keep text and token counts exact however the steps arrive.
@@ -188,7 +194,8 @@ class Generator:
                         yield {"index": o.index, "text": delta, "finish_reason": o.finish_reason}
             usage = (len(ids), sum(tokens.values()))
             self._describe(span, prompt, lora, params, usage)
-            yield {"usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}, "replica": self.replica}
+            yield {"usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}, "replica": self.replica,
+                   "elapsed_ms": ms_since(started)}
 
     def check_health(self) -> None:
         if self.engine.errored:

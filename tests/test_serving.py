@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,8 +73,11 @@ def test_chat_with_retrieval_cites_the_ingested_documents(server, cli):
     assert [c["chunk_id"] for c in record["retrieval"]["chunks"]] == [c["chunk_id"] for c in citations]
     assert record["retrieval"]["collection"] == citations[0]["collection"]
     assert record["prompt_template"] and len(record["output_hash"]) == 64
+    assert 0 < record["retrieval_ms"] and 0 < record["generation_ms"]
+    assert record["retrieval_ms"] + record["generation_ms"] < record["latency_ms"]
     lineage = cli("provenance", "show", body["provenance_id"]).stdout
     assert "support@v1" in lineage and q["doc_ids"][0] in lineage and "run support-" in lineage
+    assert re.search(r"time: \d+ ms in the gateway \(retrieval \d+ ms, generation \d+ ms\)", lineage)
 
 
 def test_incoming_traceparent_is_continued(server):
@@ -191,6 +195,7 @@ def test_streaming_chat_equals_the_whole_answer_and_records_provenance(server, c
     assert [c["chunk_id"] for c in chunks[0]["citations"]] == [c["chunk_id"] for c in whole["citations"]]
     record = json.loads(cli("provenance", "show", chunks[0]["provenance_id"], "--json").stdout)
     assert record["stream"] is True and record["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    assert 0 < record["generation_ms"] < record["latency_ms"]
 
 
 def test_streaming_completions_with_n(server):
@@ -233,6 +238,7 @@ def test_nothing_relevant_abstains_or_answers_ungrounded(server, cli):
     assert body["usage"]["completion_tokens"] == 0
     record = json.loads(cli("provenance", "show", body["provenance_id"], "--json").stdout)
     assert record["abstained"] is True and record["retrieval"]["chunks"] == []
+    assert record["retrieval_ms"] > 0 and record["generation_ms"] is None  # nothing was generated
     events = stream_events(server, "/v1/chat/completions", {
         "model": "support@v1", "messages": [{"role": "user", "content": question}], "stream": True,
         "retrieval": {"kb": KB, "min_score": 0.99, "no_context": "abstain"}})
