@@ -203,8 +203,9 @@ def run_ours(home: Path, n: int, max_tokens: int, port: int, pin: bool) -> dict:
             results = _http_suite(run_app(config, milvus), (["tiny-llama"], ["tiny-llama", *ADAPTERS]), n, max_tokens)
         finally:
             serve.shutdown()
+    log = ProvenanceLog(config.paths.provenance)
     for measurement in ("c1", "c16"):
-        results[measurement].update(_time_inside(ProvenanceLog(config.paths.provenance), results[measurement]["window"]))
+        results[measurement].update(_time_inside(log, results[measurement]["window"]))
     return results
 
 
