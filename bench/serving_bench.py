@@ -143,7 +143,8 @@ def run_direct(home: Path, n: int, max_tokens: int, one_core: bool = False) -> d
     registry = AdapterRegistry(home / "adapters")
     loras = [LoRARequest(ref, i, str(registry.local_dir(registry.get(ref)))) for i, ref in enumerate(ADAPTERS, 1)]
     tokenizer = engine.get_tokenizer()
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
+    # min_tokens: every answer is max_tokens long (the local model would often stop after a few).
+    sampling = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0)
     counter = iter(range(10**9))
 
     def caller(models):
@@ -173,7 +174,7 @@ def _http_suite(url: str, models: tuple[list, list | None], n: int, max_tokens: 
             def caller(choices):
                 async def call(question: str) -> int:
                     body = {"model": _pick(choices, question), "messages": [{"role": "user", "content": question}],
-                            "max_tokens": max_tokens, "temperature": 0}
+                            "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0}
                     async with session.post("/v1/chat/completions", json=body) as response:
                         response.raise_for_status()
                         return (await response.json())["usage"]["completion_tokens"]
@@ -271,8 +272,9 @@ def prepare(home: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from cluster.config import load_config
-    from cluster.demo import ensure_local_model
-    from training.registry import AdapterRegistry
+    from tunefetch.stack import ensure_local_model
+    from training.local_model import ModelIdentity
+    from training.registry import AdapterRegistry, DatasetLineage, TrainingLineage
 
     model_dir = ensure_local_model(load_config(home=home))
     registry = AdapterRegistry(home / "adapters")
@@ -282,7 +284,9 @@ def prepare(home: Path) -> None:
                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            registry.register(ref.split("@")[0], Path(tmp), {"run_id": "bench", "base_model": {"id": "tiny-llama"}})
+            lineage = TrainingLineage(base_model=ModelIdentity(id="tiny-llama", sha256="-"), run_id="bench",
+                                      dataset=DatasetLineage(sha256="-", rows=0))
+            registry.register(ref.split("@")[0], Path(tmp), lineage)
 
 
 def _phase(phase: str, home: Path, args) -> dict:

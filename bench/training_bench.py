@@ -35,7 +35,7 @@ def plain_loop(model_dir: Path, steps: int) -> dict:
     from training.datasets import collate, read_rows, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = read_rows(SAMPLE / "train.jsonl", "auto") + read_rows(SAMPLE / "train_chat.jsonl", "auto")
+    rows = read_rows(SAMPLE / "adapter_qa.jsonl", "auto")
     examples = [tokenize(r, tokenizer, MAX_LEN) for r in rows]
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(
@@ -64,7 +64,7 @@ def ray_deepspeed(home: Path, steps: int) -> dict:
 
     config = load_config(home=home)
     train = TrainConfig.model_validate({
-        "name": "bench", "datasets": [{"path": str(SAMPLE / "train.jsonl")}, {"path": str(SAMPLE / "train_chat.jsonl")}],
+        "name": "bench", "datasets": [{"path": str(SAMPLE / "adapter_qa.jsonl")}],
         "max_seq_length": MAX_LEN, "lora": LORA, "optimizer": {"lr": LR}, "schedule": {"type": "constant"},
         "max_steps": steps, "batch_size": BATCH, "log_every_steps": 10, "eval": {"split": 0.0},
         "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2},
@@ -75,7 +75,7 @@ def ray_deepspeed(home: Path, steps: int) -> dict:
         ray_up = time.perf_counter()
         version = run_training(train, config, progress=lambda _: None)
         job_s = time.perf_counter() - ray_up
-    metrics = version.metadata["metrics"]
+    metrics = version.record.metrics
     return {"tokens_per_s": metrics["train_tokens_per_s"], "steps": metrics["steps"],
             "train_loop_s": metrics["train_seconds"], "ray_start_s": ray_up - started,
             "job_s": job_s, "job_overhead_s": job_s - metrics["train_seconds"],
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cluster.config import load_config
-    from cluster.demo import ensure_local_model
+    from tunefetch.stack import ensure_local_model
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)

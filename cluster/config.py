@@ -1,19 +1,28 @@
 """The one typed configuration of a tunefetch deployment.
 
-Read once at the edge (the CLI), validated up front, then passed down as an object: no module
-reads the environment on its own. Every section has defaults that run the embedded stack
-(local model, Milvus Lite, local Ray) inside one home directory.
+Read once at the edge (the CLI, or Serve's app builder in a pod), validated up front, then
+passed down as objects: each layer and each Serve deployment gets the sections it needs.
+Sources, strongest first: explicit overrides (CLI flags), the environment
+(`TUNEFETCH_<SECTION>__<KEY>`, e.g. `TUNEFETCH_SERVING__PORT=9000`), the YAML file (`--config`
+or `TUNEFETCH_CONFIG`), the defaults. The defaults run the embedded stack (local model, Milvus
+Lite, local Ray) inside one home directory. Secrets are `SecretStr`: they print as `**********`
+and are left out of every dump meant for people or manifests.
 """
 
 from __future__ import annotations
 
+import os
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from cluster.errors import UserError
+
+CONFIG_ENV = "TUNEFETCH_CONFIG"
 
 
 class _Section(BaseModel):
@@ -27,23 +36,28 @@ class RayConfig(_Section):
 
 
 class TelemetryConfig(_Section):
+    """Spans over OTLP. Keys left unset fall back to the standard OTEL_* variables."""
+
     exporter: Literal["none", "console", "otlp"] = Field(
-        "none", description="Where spans go; 'otlp' honours the standard OTEL_EXPORTER_OTLP_* variables."
-    )
-    endpoint: str | None = Field(None, description="OTLP endpoint, e.g. http://127.0.0.1:4317.")
-    protocol: Literal["grpc", "http/protobuf"] = "grpc"
-    sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
-    service_name: str = "tunefetch"
+        "none", description="Where spans go (unset: OTEL_TRACES_EXPORTER, else none).")
+    endpoint: str | None = Field(None, description="OTLP endpoint, e.g. http://127.0.0.1:4317 (unset: "
+                                                   "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT).")
+    protocol: Literal["grpc", "http/protobuf"] = Field(
+        "grpc", description="OTLP protocol (unset: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else grpc).")
+    headers: SecretStr | None = Field(None, description="OTLP headers 'k1=v1,k2=v2', e.g. an auth token.")
+    sampling_ratio: float = Field(1.0, ge=0.0, le=1.0, description="Parent-based ratio sampler (unset: "
+                                                                   "OTEL_TRACES_SAMPLER[_ARG], else 1.0).")
+    service_name: str = Field("tunefetch", description="Resource service.name (unset: OTEL_SERVICE_NAME).")
 
 
 class RetrievalConfig(_Section):
     milvus_uri: str | None = Field(
-        None, description="Milvus server URI (http://host:19530); empty uses Milvus Lite in the home directory."
-    )
-    milvus_token: str | None = None
-    chunk_tokens: int = Field(200, ge=16, le=512, description="Chunk size in embedder tokens (MiniLM reads 256).")
+        None, description="Milvus server URI (http://host:19530); empty uses Milvus Lite in the home directory.")
+    milvus_token: SecretStr | None = Field(None, description="Milvus 'user:password' or API key.")
+    chunk_tokens: int = Field(200, ge=16, le=512, description="Chunk size in embedder tokens; at most the "
+                                                              "embedder's input length (MiniLM reads 256).")
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks of one section.")
-    top_k: int = Field(3, ge=1, le=50)
+    top_k: int = Field(3, ge=1, le=50, description="Default hits per retrieval.")
     keep_versions: int = Field(10, ge=0, description="Versions kept per store (oldest dropped first; 0 keeps all).")
 
     @field_validator("chunk_overlap")
@@ -54,30 +68,47 @@ class RetrievalConfig(_Section):
         return v
 
 
+# EngineConfig fields that are tunefetch's own, not vLLM engine arguments.
+_NOT_VLLM_ARGS = {"kv_cache_gib", "pin_cpu_cores", "extra_args"}
+
+
 class EngineConfig(_Section):
-    """vLLM engine arguments that matter for a deployment; the rest keep vLLM's defaults."""
+    """The vLLM engine. Every field except tunefetch's own (kv_cache_gib, pin_cpu_cores) is a
+    vLLM `AsyncEngineArgs` field of the same name, passed as is: a new vLLM knob is one line
+    here, or a key of `extra_args` without a code change."""
 
     model: str | None = Field(None, description="Base model directory; empty uses the home's local model.")
-    dtype: str = "auto"
-    max_model_len: int = Field(2048, ge=64)
-    max_num_seqs: int = Field(32, ge=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_loras: int = Field(2, ge=1)
-    max_lora_rank: int = Field(16, ge=1)
-    max_cpu_loras: int | None = Field(None, ge=1)
-    kv_cache_gib: int = Field(1, ge=1, description="KV cache size on CPU hosts (VLLM_CPU_KVCACHE_SPACE).")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    seed: int = 0
+    dtype: str = Field("auto", description="Weights and activations dtype (auto, float32, bfloat16, ...).")
+    max_model_len: int = Field(2048, ge=64, description="Context length (prompt + output tokens).")
+    max_num_seqs: int = Field(32, ge=1, description="Sequences batched per engine step.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
+    max_loras: int = Field(2, ge=1, description="Adapters resident in one batch.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank served.")
+    max_cpu_loras: int | None = Field(None, ge=1, description="Adapters cached in host memory (null: max_loras).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU hosts: memory share for the engine.")
+    seed: int = Field(0, description="Engine seed (sampling without a per-request seed).")
+    extra_args: dict[str, Any] = Field(default_factory=dict,
+                                       description="Any other AsyncEngineArgs field, passed to vLLM as is.")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU hosts: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
     pin_cpu_cores: bool = Field(
         True, description="CPU hosts: the engine core process runs alone on floor(generator.num_cpus) cores of "
         "its node, claimed so replicas never share one, and at least one core stays for everything else.")
 
+    def vllm_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments this section names (model excluded: resolved by the caller)."""
+        args = self.model_dump(exclude=_NOT_VLLM_ARGS | {"model"})
+        overlap = set(args) & set(self.extra_args)
+        if overlap:
+            raise UserError(f"serving.engine.extra_args: {', '.join(sorted(overlap))} are typed keys of "
+                            "serving.engine; set them there")
+        return {**args, **self.extra_args}
+
 
 class DeploymentOptions(_Section):
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Replicas of this deployment.")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests each caller queues beyond max_ongoing_requests; more get 429 (-1: unbounded)."
     )
@@ -98,27 +129,33 @@ class RagPolicy(_Section):
 
 
 class ServingConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    app_name: str = "tunefetch"
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 inside a pod).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    app_name: str = Field("tunefetch", description="Serve application name.")
     engine: EngineConfig = EngineConfig()
     gateway: DeploymentOptions = DeploymentOptions()
     # The engine replica does the real work; the gateway and retriever get fractions so the
     # whole app fits on a 2-core host next to the Serve proxy.
     generator: DeploymentOptions = DeploymentOptions(num_cpus=1.0)
     retriever: DeploymentOptions = DeploymentOptions(num_cpus=0.5)
-    default_max_tokens: int = Field(64, ge=1)
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of requests that set none.")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     rag: RagPolicy = RagPolicy()
 
 
 class RegistryConfig(_Section):
     uri: str | None = Field(
-        None, description="Adapter registry: a directory or a pyarrow/fsspec URI (s3://KEY:SECRET@bucket/prefix"
+        None, description="Adapter registry: a directory or a pyarrow/fsspec URI (s3://bucket/prefix"
         "?endpoint_override=host:port&scheme=http, gs://...); empty uses HOME/adapters.")
+    access_key: SecretStr | None = Field(None, description="Object store access key (else the usual credential chain).")
+    secret_key: SecretStr | None = Field(None, description="Object store secret key.")
+    cache_dir: Path | None = Field(None, description="Local copies of remote versions; empty uses HOME/cache/adapters.")
 
 
-class TunefetchConfig(_Section):
+class TunefetchConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFETCH_", env_nested_delimiter="__", extra="forbid",
+                                      validate_default=True)
+
     home: Path = Field(Path(".tunefetch"), description="Directory holding models, adapters, stores, provenance.")
     ray: RayConfig = RayConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -126,9 +163,27 @@ class TunefetchConfig(_Section):
     registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Overrides > environment > the YAML file (handed over by load_config) > defaults.
+        return init_settings, env_settings, InitSettingsSource(settings_cls, _FILE_DATA.get())
+
     @property
     def paths(self) -> "HomePaths":
         return HomePaths(self.home)
+
+    def registry_settings(self) -> RegistryConfig:
+        """The registry section with the home's defaults filled in (what a deployment needs)."""
+        return self.registry.model_copy(update={"uri": self.registry.uri or str(self.paths.adapters),
+                                                "cache_dir": self.registry.cache_dir or self.paths.adapter_cache})
+
+    def public_dump(self) -> dict:
+        """The config for manifests and people: no secrets, no machine-local home."""
+        return _without_secrets(self.model_dump(mode="json", exclude={"home"}), self)
+
+
+_FILE_DATA: ContextVar[dict] = ContextVar("tunefetch_config_file", default={})
 
 
 class HomePaths:
@@ -163,22 +218,34 @@ class HomePaths:
         return self.home / "runs"
 
     @property
-    def server_state(self) -> Path:
-        return self.home / "server.json"
+    def logs(self) -> Path:
+        return self.home / "logs"
 
 
-def load_config(path: Path | None = None, home: Path | None = None) -> TunefetchConfig:
-    """Read and validate the config file (if any); `home` overrides the file's home."""
-    data: dict = {}
-    if path is not None:
-        data = read_yaml(path)
+def load_config(path: Path | None = None, **overrides: Any) -> TunefetchConfig:
+    """Reads and validates the config: `path` (else $TUNEFETCH_CONFIG, else none), the
+    TUNEFETCH_* environment, then `overrides` (nested dicts, e.g. serving={"port": 9000})."""
+    path = path or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    token = _FILE_DATA.set(read_yaml(path) if path is not None else {})
     try:
-        config = TunefetchConfig.model_validate(data)
+        config = TunefetchConfig(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise UserError(f"{path}: {describe_validation_error(exc)}") from None
-    if home is not None:
-        config = config.model_copy(update={"home": Path(home)})
+        raise UserError(f"{path or 'config'}: {describe_validation_error(exc)}") from None
+    finally:
+        _FILE_DATA.reset(token)
     return config.model_copy(update={"home": config.home.resolve()})
+
+
+def config_from_mapping(data: dict) -> TunefetchConfig:
+    """A config from a mapping (Serve's app args in a pod) plus the pod's TUNEFETCH_* environment,
+    which carries the secrets the mapping never holds."""
+    token = _FILE_DATA.set(dict(data))
+    try:
+        return TunefetchConfig()
+    except ValidationError as exc:
+        raise UserError(f"config: {describe_validation_error(exc)}") from None
+    finally:
+        _FILE_DATA.reset(token)
 
 
 def read_yaml(path: Path) -> dict:
@@ -199,3 +266,18 @@ def describe_validation_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     return f"{where}: {err['msg']}"
+
+
+def _without_secrets(dumped: dict, model: BaseModel) -> dict:
+    """`dumped` (a model_dump of `model`) with every SecretStr field removed, at any depth."""
+    out = {}
+    for key, value in dumped.items():
+        field = getattr(model, key, None)
+        if isinstance(field, SecretStr):
+            continue
+        out[key] = _without_secrets(value, field) if isinstance(value, dict) and isinstance(field, BaseModel) else value
+    return out
+
+
+def secret_value(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None

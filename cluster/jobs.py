@@ -1,7 +1,7 @@
-"""Running `tunefetch train` as a Ray job on a (remote) Ray cluster, via its job server.
+"""Running a tunefetch command as a Ray job on a (remote) Ray cluster, via its job server.
 
-The job runs the uploaded copy of this project with the cluster's own Python, reads a staged
-copy of the train config and its datasets, and writes adapters into the cluster-side home.
+The job runs an uploaded copy of this project with the cluster's own Python; the inputs it
+needs (a config, its datasets) are staged beside the code by the caller.
 """
 
 from __future__ import annotations
@@ -18,11 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
-from cluster.config import read_yaml
 from cluster.errors import UserError
-from training.config import TrainConfig, load_train_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STAGE_DIR = ".tunefetch-submit"
@@ -35,19 +31,20 @@ _ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _RAY_CLIENT_LOGGERS = ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
 
 
-def submit_training(address: str, train_config: Path, home: Path | None,
-                    progress: Callable[[str], None] = print) -> int:
-    """Submits `tunefetch train TRAIN_CONFIG` to the job server at `address` (e.g.
-    http://127.0.0.1:8265), streams its logs to `progress` until it ends; 0 if it succeeded.
-
-    `home` is a directory on the cluster (the adapters land there); None leaves the cluster's
-    default (its TUNEFETCH_HOME). Ctrl-C stops the job and re-raises.
-    """
-    train_config = Path(train_config)
-    train = load_train_config(train_config)  # a bad config never reaches the cluster
+def submit(address: str, entrypoint: list[str], stage: Callable[[Path], None], name: str,
+           metadata: dict | None = None, progress: Callable[[str], None] = print) -> int:
+    """Submits `entrypoint` (argv, run in the uploaded project; paths under STAGE_DIR are what
+    `stage(dir)` wrote there) to the job server at `address` (e.g. http://127.0.0.1:8265) and
+    streams its logs to `progress` until it ends; 0 if it succeeded. Ctrl-C stops the job."""
     with _quiet_ray_client():
         client = _connect(address)
-        submission_id = _submit(client, train_config, train, home)
+        submission_id = f"tunefetch-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        with tempfile.TemporaryDirectory(prefix="tunefetch-submit-") as tmp:
+            snapshot = _snapshot(Path(tmp))
+            stage(snapshot / STAGE_DIR)
+            # submit_job zips and uploads the working_dir before it returns: the temp copy can go.
+            client.submit_job(entrypoint=shlex.join(entrypoint), submission_id=submission_id,
+                              runtime_env={"working_dir": str(snapshot)}, metadata=metadata or {})
         progress(f"submitted {submission_id} to {address} (Ctrl-C stops it)")
         return _follow(client, submission_id, progress)
 
@@ -64,17 +61,6 @@ def _quiet_ray_client():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _submit(client, train_config: Path, train: TrainConfig, home: Path | None) -> str:
-    submission_id = f"tunefetch-train-{train.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    with tempfile.TemporaryDirectory(prefix="tunefetch-submit-") as tmp:
-        snapshot = _snapshot(Path(tmp), train_config, train)
-        # submit_job zips and uploads the working_dir before it returns: the temp copy can go.
-        client.submit_job(entrypoint=_entrypoint(train_config.name, home), submission_id=submission_id,
-                          runtime_env={"working_dir": str(snapshot)},
-                          metadata={"adapter": train.name, "train_config": str(train_config)})
-    return submission_id
 
 
 def _follow(client, submission_id: str, progress: Callable[[str], None]) -> int:
@@ -117,42 +103,19 @@ def _explicit_address():
         os.environ.update(saved)
 
 
-def _snapshot(tmp: Path, train_config: Path, train: TrainConfig) -> Path:
-    """One directory holding the project and, under .tunefetch-submit/, the train YAML with its
-    datasets (paths rewritten relative to the YAML); it becomes the job's working_dir.
+def _snapshot(tmp: Path) -> Path:
+    """A copy of the project's source (EXCLUDES left out) that becomes the job's working_dir.
 
     Why a copy: Ray uploads exactly one working_dir, and the job must find code and inputs at
     known relative paths in it. Writing the inputs into the checkout instead would leave files
-    behind after a crash and race concurrent submits; the copy is source only (EXCLUDES) and
-    lives only until the upload is done. Staging via py_modules would hide the files at a path
-    the entrypoint cannot name.
+    behind after a crash and race concurrent submits; the copy lives only until the upload.
     """
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise UserError(f"submit uploads the tunefetch source tree, but {PROJECT_ROOT} is not one "
                         "(install tunefetch from a checkout: pip install -e .)")
     snapshot = tmp / "project"
     shutil.copytree(PROJECT_ROOT, snapshot, ignore=shutil.ignore_patterns(*EXCLUDES))
-    stage = snapshot / STAGE_DIR
-    data = read_yaml(train_config)  # the user's own keys, not every default, so the job validates the same input
-    for i, (raw, spec) in enumerate(zip(data["datasets"], train.datasets)):
-        # One folder per entry keeps the file name (errors name the user's file) without clashes.
-        target = stage / "datasets" / str(i) / spec.path.name
-        target.parent.mkdir(parents=True)
-        shutil.copy2(spec.path, target)
-        raw["path"] = target.relative_to(stage).as_posix()
-    (stage / train_config.name).write_text(yaml.safe_dump(data, sort_keys=False))
     return snapshot
-
-
-def _entrypoint(config_name: str, home: Path | None) -> str:
-    """`python -m` in the working_dir runs the uploaded code with the cluster's Python (the
-    `python` on its PATH, as for any Ray job), so the cluster needs no tunefetch console script.
-    `--address auto` joins the cluster the job runs on instead of starting a private Ray."""
-    argv = ["python", "-m", "cluster.cli", "train", f"{STAGE_DIR}/{config_name}", "--address", "auto"]
-    if home is not None:
-        # Absolute, like every verb's --home: relative to the job it would be its throw-away working_dir.
-        argv += ["--home", str(Path(home).expanduser().resolve())]
-    return shlex.join(argv)
 
 
 def _stream_logs(client, submission_id: str, progress: Callable[[str], None]) -> None:

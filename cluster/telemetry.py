@@ -1,17 +1,19 @@
 """OpenTelemetry set-up: one TracerProvider per process, W3C context across processes.
 
-With `telemetry.exporter: none` spans still get trace ids (provenance records and the
-`traceparent` response header carry them) but no processor exports anything. The OTLP
-exporter reads the standard OTEL_EXPORTER_OTLP_* variables when the config leaves the endpoint
-empty, as every OpenTelemetry user expects.
+With no exporter, spans still get trace ids (provenance records and the `traceparent` response
+header carry them) but nothing is exported. The standard variables work as every OpenTelemetry
+user expects: OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER[_ARG], OTEL_TRACES_EXPORTER,
+OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,PROTOCOL,HEADERS}; a `telemetry` key set explicitly in the
+config (file, TUNEFETCH_TELEMETRY__* or a flag) wins over its variable.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
-from cluster.config import TelemetryConfig
+from cluster.config import TelemetryConfig, secret_value
 
 _lock = threading.Lock()
 _configured = False
@@ -29,27 +31,54 @@ def setup_tracing(config: TelemetryConfig, component: str) -> None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        provider = TracerProvider(
-            resource=Resource.create({"service.name": config.service_name, "tunefetch.component": component}),
-            sampler=ParentBased(TraceIdRatioBased(config.sampling_ratio)),
-        )
-        if config.exporter != "none":
-            exporter = ConsoleSpanExporter() if config.exporter == "console" else _otlp_exporter(config)
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+        explicit = config.model_fields_set
+        attributes = {"tunefetch.component": component}
+        if "service_name" in explicit or not os.environ.get("OTEL_SERVICE_NAME"):
+            attributes["service.name"] = config.service_name  # else the SDK reads OTEL_SERVICE_NAME
+        # sampler=None: the SDK builds it from OTEL_TRACES_SAMPLER[_ARG].
+        sampler = (ParentBased(TraceIdRatioBased(config.sampling_ratio))
+                   if "sampling_ratio" in explicit or not os.environ.get("OTEL_TRACES_SAMPLER") else None)
+        provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
+        exporter = exporter_kind(config)
+        if exporter != "none":
+            span_exporter = ConsoleSpanExporter() if exporter == "console" else _otlp_exporter(config)
+            provider.add_span_processor(BatchSpanProcessor(span_exporter))
         trace.set_tracer_provider(provider)
         _configured = True
 
 
+def exporter_kind(config: TelemetryConfig) -> str:
+    """none | console | otlp: the config's if set, else OTEL_TRACES_EXPORTER's first known value."""
+    if "exporter" in config.model_fields_set:
+        return config.exporter
+    named = [v.strip() for v in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",")]
+    return next((v for v in named if v in ("none", "console", "otlp")), config.exporter)
+
+
+def otlp_protocol(config: TelemetryConfig) -> str:
+    if "protocol" in config.model_fields_set:
+        return config.protocol
+    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or config.protocol)
+
+
 def _otlp_exporter(config: TelemetryConfig):
-    kwargs = {"endpoint": config.endpoint} if config.endpoint else {}
-    if config.protocol == "grpc":
+    # Unset endpoint/headers: the exporter reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT/HEADERS.
+    kwargs: dict = {}
+    headers = secret_value(config.headers)
+    if headers:
+        kwargs["headers"] = dict(pair.split("=", 1) for pair in headers.split(",") if "=" in pair)
+    if otlp_protocol(config) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter(insecure=True, **kwargs) if config.endpoint else OTLPSpanExporter()
+        if config.endpoint:
+            kwargs.update(endpoint=config.endpoint, insecure=not config.endpoint.startswith("https://"))
+        return OTLPSpanExporter(**kwargs)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    if config.endpoint and not config.endpoint.rstrip("/").endswith("/v1/traces"):
-        kwargs["endpoint"] = config.endpoint.rstrip("/") + "/v1/traces"
+    if config.endpoint:
+        endpoint = config.endpoint.rstrip("/")
+        kwargs["endpoint"] = endpoint if endpoint.endswith("/v1/traces") else f"{endpoint}/v1/traces"
     return OTLPSpanExporter(**kwargs)
 
 

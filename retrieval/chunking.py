@@ -8,14 +8,11 @@ unchanged content gives the same ids.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import re
 from dataclasses import dataclass
 
 from retrieval.documents import Document
-
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-
 
 @dataclass(frozen=True)
 class Chunk:
@@ -30,7 +27,7 @@ class Chunk:
 def chunk_document(doc: Document, tokenizer, max_tokens: int, overlap: int) -> list[Chunk]:
     chunks: list[Chunk] = []
     occurrences: dict[str, int] = {}
-    for section, body in _sections(doc.text):
+    for section, body in sections(doc.text):
         header = f"{section}\n" if section else ""
         budget = max(8, max_tokens - len(tokenizer(header, add_special_tokens=False)["input_ids"]))
         for piece in _windows(body, tokenizer, budget, min(overlap, budget // 2)):
@@ -43,46 +40,76 @@ def chunk_document(doc: Document, tokenizer, max_tokens: int, overlap: int) -> l
     return chunks
 
 
-def _sections(text: str) -> list[tuple[str, str]]:
-    """(heading path, body) pairs, e.g. ('Returns Policy > Eligibility', '...')."""
+def sections(text: str) -> list[tuple[str, str]]:
+    """(heading path, body) pairs, e.g. ('Returns Policy > Eligibility', '...'). Headings come
+    from a CommonMark parser: ATX and setext headings count, `#` lines in code blocks do not."""
+    lines = text.splitlines()
+    tokens = _markdown().parse(text)
     path: list[tuple[int, str]] = []
     sections: list[tuple[str, str]] = []
-    body: list[str] = []
+    cursor = 0
 
-    def flush():
+    def flush(body: list[str]) -> None:
         content = "\n".join(body).strip()
         if content:
             sections.append((" > ".join(title for _, title in path), content))
-        body.clear()
 
-    for line in text.splitlines():
-        match = _HEADING.match(line)
-        if match:
-            flush()
-            level = len(match.group(1))
-            path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, match.group(2))]
-        else:
-            body.append(line)
-    flush()
+    for i, token in enumerate(tokens):
+        if token.type != "heading_open" or token.map is None or token.level != 0:
+            continue  # only top-level headings (a '#' line inside a list item is its text)
+        start, end = token.map
+        flush(lines[cursor:start])
+        level = int(token.tag[1])
+        path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, tokens[i + 1].content.strip())]
+        cursor = end
+    flush(lines[cursor:])
     return sections
 
 
+@functools.cache
+def _markdown():
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark")
+
+
 def _windows(text: str, tokenizer, size: int, overlap: int) -> list[str]:
+    """Windows of at most `size` tokens overlapping by up to `overlap` tokens. A window ends at
+    the last sentence end in its second half when there is one (else at a word boundary), and
+    the next one starts at a sentence start inside the overlap when there is one: every
+    sentence that fits in a window lies whole in some window."""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    if len(offsets) <= size:
+    n = len(offsets)
+    if n <= size:
         return [text]
+    # Token i ends a sentence when its text ends in . ! or ? followed by whitespace (or the end).
+    ends = [i + 1 for i, (_, stop) in enumerate(offsets)
+            if text[stop - 1:stop] in ".!?" and (stop == len(text) or text[stop].isspace())]
     pieces = []
     start = 0
-    while start < len(offsets):
-        end = min(start + size, len(offsets))
-        # Never cut inside a word: back off while the next token continues the current one.
-        while end < len(offsets) and end > start + 1 and offsets[end][0] == offsets[end - 1][1]:
-            end -= 1
+    while start < n:
+        end = min(start + size, n)
+        if end < n:
+            sentence_end = max((e for e in ends if start + size // 2 <= e <= end), default=None)
+            end = sentence_end or _word_boundary_before(offsets, start, end)
         pieces.append(text[offsets[start][0]:offsets[end - 1][1]])
-        if end == len(offsets):
+        if end == n:
             break
-        next_start = max(end - overlap, start + 1)
-        while next_start < end and offsets[next_start][0] == offsets[next_start - 1][1]:
-            next_start += 1  # start overlap on a word boundary too
-        start = next_start
+        earliest = max(end - overlap, start + 1)
+        sentence_start = min((e for e in ends if earliest <= e < end), default=None)
+        start = sentence_start if sentence_start is not None else _word_boundary_after(offsets, earliest, end)
     return pieces
+
+
+def _word_boundary_before(offsets, start: int, end: int) -> int:
+    """`end` moved back so the window does not cut inside a word."""
+    while end < len(offsets) and end > start + 1 and offsets[end][0] == offsets[end - 1][1]:
+        end -= 1
+    return end
+
+
+def _word_boundary_after(offsets, start: int, end: int) -> int:
+    """`start` moved forward to the next word start (not past `end`)."""
+    while start < end and offsets[start][0] == offsets[start - 1][1]:
+        start += 1
+    return start

@@ -29,6 +29,11 @@ class Embedder:
         return int(self.model.get_embedding_dimension())
 
     @property
+    def max_tokens(self) -> int:
+        """Tokens the model reads per text (MiniLM: 256); the rest is cut off."""
+        return int(self.model.max_seq_length)
+
+    @property
     def tokenizer(self):
         return self.model.tokenizer
 

@@ -32,11 +32,13 @@ class IngestResult:
 
 
 def ingest(paths: list[str], name: str, stores: KnowledgeStores, embedder: Embedder, config: RetrievalConfig,
-           progress: Progress = lambda _: None, incremental: bool = True, jsonl=None) -> IngestResult:
+           progress: Progress = lambda _: None, incremental: bool = True, jsonl=None,
+           on_chunks: Callable[[int, int, str], None] = lambda done, total, note: None) -> IngestResult:
     """Writes the documents under `paths` as the next version of store `name`.
 
     The new version holds exactly these documents (deleted ones drop out); with `incremental`,
     chunks unchanged since the current version keep their vectors instead of being re-embedded.
+    `progress` gets messages, `on_chunks(done, total, note)` the count of chunks written.
     """
     validate_name(name)
     started = time.perf_counter()
@@ -45,14 +47,18 @@ def ingest(paths: list[str], name: str, stores: KnowledgeStores, embedder: Embed
         progress(f"skipped {path}: {reason}")
     if not report.documents:
         raise UserError(f"no documents to ingest under {', '.join(paths)}")
+    if config.chunk_tokens > embedder.max_tokens:
+        # The embedder would silently read only the first max_tokens of each chunk.
+        raise UserError(f"retrieval.chunk_tokens is {config.chunk_tokens}, but the embedder reads at most "
+                        f"{embedder.max_tokens} tokens: set it to {embedder.max_tokens} or less")
     chunks = [c for doc in report.documents
               for c in chunk_document(doc, embedder.tokenizer, config.chunk_tokens, config.chunk_overlap)]
     reused = stores.reusable_vectors(name, [c.chunk_id for c in chunks], MODEL_NAME) if incremental else {}
     progress(f"{len(report.documents)} documents -> {len(chunks)} chunks ({len(reused)} unchanged, reused)")
-    meta = {"embedder": MODEL_NAME, "documents": len(report.documents),
-            "sources": sorted({d.source for d in report.documents})[:200]}
     embedded = 0
-    with stores.new_version(name, embedder.dim, meta, keep=config.keep_versions) as writer:
+    sources = sorted({d.source for d in report.documents})[:200]
+    with stores.new_version(name, embedder.dim, MODEL_NAME, len(report.documents), sources,
+                            chunking=(config.chunk_tokens, config.chunk_overlap), keep=config.keep_versions) as writer:
         for start in range(0, len(chunks), _BATCH):
             batch = chunks[start:start + _BATCH]
             fresh = [c for c in batch if c.chunk_id not in reused]
@@ -60,7 +66,6 @@ def ingest(paths: list[str], name: str, stores: KnowledgeStores, embedder: Embed
             writer.insert(batch, [reused.get(c.chunk_id, vectors.get(c.chunk_id)) for c in batch])
             embedded += len(fresh)
             done = start + len(batch)
-            rate = done / (time.perf_counter() - started)
-            progress(f"  {done}/{len(chunks)} chunks written, {embedded} embedded ({rate:.0f} chunks/s)")
+            on_chunks(done, len(chunks), f"{embedded} embedded, {done / (time.perf_counter() - started):.0f} chunks/s")
     return IngestResult(writer.info, len(report.documents), len(chunks), embedded,
                         time.perf_counter() - started, report.skipped)

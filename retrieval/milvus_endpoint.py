@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from cluster.config import TunefetchConfig
 from cluster.errors import UserError
 
@@ -29,7 +31,7 @@ _START_TIMEOUT_S = 30.0
 @dataclass(frozen=True)
 class MilvusAddress:
     uri: str
-    token: str | None = None
+    token: SecretStr | None = None  # prints as ********** wherever the address is logged
 
 
 @contextmanager

@@ -14,11 +14,13 @@ import re
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import asdict, dataclass
+from typing import Iterator, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from cluster.config import secret_value
 from cluster.errors import NotFound, UserError
 from retrieval.chunking import Chunk
 from retrieval.filters import build_filter
@@ -37,15 +39,54 @@ _SEARCH_PARAMS = {"metric_type": "COSINE", "params": {"ef": 128}}
 _OUTPUT_FIELDS = ["chunk_id", "doc_id", "section", "source", "text", "content_hash", "kb_version", "ingested_at"]
 
 
+SCHEMA_VERSION = 2
+
+
+class Writer(BaseModel):
+    pid: int
+    host: str
+
+
+class StoreVersionRecord(BaseModel):
+    """What a version's collection records about itself (a collection property). Records
+    written before the schema had a version read as schema 1 (same fields)."""
+
+    model_config = ConfigDict(extra="ignore")
+    schema_version: int = 1
+    version: int
+    created_at: int
+    state: Literal["writing", "ready"] = "ready"
+    writer: Writer | None = None  # who is writing it, while state is "writing"
+    rows: int = 0
+    embedder: str | None = None
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
+    documents: int = 0
+    sources: list[str] = []
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     name: str
-    version: int
     collection: str
-    rows: int
-    created_at: int
     current: bool
-    meta: dict
+    record: StoreVersionRecord
+
+    @property
+    def version(self) -> int:
+        return self.record.version
+
+    @property
+    def rows(self) -> int:
+        return self.record.rows
+
+    @property
+    def created_at(self) -> int:
+        return self.record.created_at
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +95,10 @@ class SearchResult:
     collection: str  # the physical collection the alias resolved to for this search
     kb_version: int
     hits: list["Hit"]
+
+    def to_json(self) -> dict:
+        return {"kb": self.kb, "collection": self.collection, "kb_version": self.kb_version,
+                "hits": [asdict(h) for h in self.hits]}
 
 
 @dataclass(frozen=True)
@@ -84,7 +129,7 @@ class KnowledgeStores:
     def __init__(self, address: MilvusAddress):
         from pymilvus import MilvusClient
 
-        self.client = MilvusClient(uri=address.uri, token=address.token or "")
+        self.client = MilvusClient(uri=address.uri, token=secret_value(address.token) or "")
         self._loaded: set[str] = set()
         self._aliases: set[str] = set()
 
@@ -112,13 +157,9 @@ class KnowledgeStores:
         infos = []
         for version in self._version_numbers(name):
             collection = collection_name(name, version)
-            meta = self._meta(collection)
-            if meta.get("state") == "writing":
-                continue
-            infos.append(
-                VersionInfo(name, version, collection, meta.get("rows", 0), meta.get("created_at", 0),
-                            collection == current, meta)
-            )
+            record = self._record(collection)
+            if record is not None and record.state == "ready":
+                infos.append(VersionInfo(name, collection, collection == current, record))
         return infos
 
     def search(self, name: str, vector: np.ndarray, top_k: int, filters: dict | None = None) -> SearchResult:
@@ -146,9 +187,19 @@ class KnowledgeStores:
             for h in hits
         ])
 
+    def chunk_texts(self, collection: str, chunk_ids: list[str]) -> dict[str, str]:
+        """{chunk_id: text} of chunks in one physical collection (a citation names both)."""
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*__v\d+", collection):
+            raise UserError(f"not a knowledge store collection: {collection!r}")
+        ids = [i for i in chunk_ids if re.fullmatch(r"[0-9a-f]{1,64}", i)]  # hex ids: safe as literals
+        self._ensure_loaded(collection)
+        rows = self.client.query(collection, filter=f"chunk_id in {json.dumps(ids)}", output_fields=["chunk_id", "text"])
+        return {row["chunk_id"]: row["text"] for row in rows}
+
     # -- writing ----------------------------------------------------------------------------
     @contextmanager
-    def new_version(self, name: str, dim: int, meta: dict, keep: int = 0) -> Iterator["VersionWriter"]:
+    def new_version(self, name: str, dim: int, embedder: str, documents: int, sources: list[str],
+                    chunking: tuple[int, int] | None = None, keep: int = 0) -> Iterator["VersionWriter"]:
         """A writer for the next version of `name`. On a clean exit the version is flushed,
         loaded, its row count verified, marked ready, and only then the alias moves to it;
         any exception (or Ctrl-C) drops the partial collection. `keep` > 0 then drops all but
@@ -158,21 +209,23 @@ class KnowledgeStores:
         version = max(self._version_numbers(name), default=0) + 1
         self.drop_abandoned(name)
         collection = collection_name(name, version)
-        created_at = int(time.time())
-        meta = {**meta, "version": version, "created_at": created_at}
         # Marked "writing" with its writer: a crashed ingest is recognised and cleaned up later.
-        self._create_collection(collection, dim, {**meta, "state": "writing",
-                                                  "writer": {"pid": os.getpid(), "host": socket.gethostname()}})
-        writer = VersionWriter(self, name, collection, version, created_at)
+        record = StoreVersionRecord(schema_version=SCHEMA_VERSION, version=version, created_at=int(time.time()),
+                                    state="writing", writer=Writer(pid=os.getpid(), host=socket.gethostname()),
+                                    embedder=embedder, documents=documents, sources=sources,
+                                    chunk_tokens=chunking[0] if chunking else None,
+                                    chunk_overlap=chunking[1] if chunking else None)
+        self._create_collection(collection, dim, record)
+        writer = VersionWriter(self, name, collection, version, record.created_at)
         try:
             yield writer
-            rows = writer.seal()
-            self._set_meta(collection, {**meta, "state": "ready", "rows": rows})
+            record = record.model_copy(update={"state": "ready", "writer": None, "rows": writer.seal()})
+            self._set_record(collection, record)
             self._point_alias(name, collection)
         except BaseException:
             self.client.drop_collection(collection)
             raise
-        writer.info = VersionInfo(name, version, collection, rows, created_at, True, {**meta, "rows": rows})
+        writer.info = VersionInfo(name, collection, True, record)
         if keep:
             self._retain(name, keep)
 
@@ -181,13 +234,12 @@ class KnowledgeStores:
         dropped = []
         for version in self._version_numbers(name):
             collection = collection_name(name, version)
-            meta = self._meta(collection)
-            writer = meta.get("writer", {})
-            if meta.get("state") != "writing":
+            record = self._record(collection)
+            if record is None or record.state != "writing":
                 continue
-            here = writer.get("host") == socket.gethostname()
-            if (here and not pid_alive(writer.get("pid", -1))) or (
-                    not here and time.time() - meta.get("created_at", 0) > _FOREIGN_WRITER_TIMEOUT_S):
+            here = record.writer is not None and record.writer.host == socket.gethostname()
+            if (here and not pid_alive(record.writer.pid)) or (
+                    not here and time.time() - record.created_at > _FOREIGN_WRITER_TIMEOUT_S):
                 self.client.drop_collection(collection)
                 dropped.append(collection)
         return dropped
@@ -199,7 +251,8 @@ class KnowledgeStores:
             collection, _ = self.current(name)
         except NotFound:  # a new store: nothing to reuse
             return {}
-        if self._meta(collection).get("embedder") != embedder:
+        record = self._record(collection)
+        if record is None or record.embedder != embedder:
             return {}
         self._ensure_loaded(collection)
         found: dict[str, list[float]] = {}
@@ -230,6 +283,16 @@ class KnowledgeStores:
         self._point_alias(name, collection_name(name, to))
         return next(v for v in self.versions(name) if v.version == to)
 
+    def drop_version(self, name: str, version: int) -> None:
+        """Removes a version that is not the current one (e.g. a trial version after rolling
+        back from it)."""
+        collection, current = self.current(name)
+        if version == current:
+            raise UserError(f"{name}@v{version} is the current version: roll back before dropping it")
+        if version not in self._version_numbers(name):
+            raise NotFound(f"{name} has no version v{version}")
+        self.client.drop_collection(collection_name(name, version))
+
     # -- internals --------------------------------------------------------------------------
     def _version_numbers(self, name: str) -> list[int]:
         numbers = []
@@ -247,15 +310,17 @@ class KnowledgeStores:
             self.client.load_collection(collection)
         self._loaded.add(collection)
 
-    def _meta(self, collection: str) -> dict:
+    def _record(self, collection: str) -> StoreVersionRecord | None:
+        """The version's record; None for a collection without a readable one (not written by
+        tunefetch, or damaged): never listed as a version, never dropped."""
         props = self.client.describe_collection(collection).get("properties") or {}
         try:
-            return json.loads(props.get(_META_KEY, "{}"))
-        except ValueError:
-            return {}
+            return StoreVersionRecord.model_validate_json(props.get(_META_KEY, ""))
+        except ValidationError:
+            return None
 
-    def _set_meta(self, collection: str, meta: dict) -> None:
-        self.client.alter_collection_properties(collection, properties={_META_KEY: json.dumps(meta)})
+    def _set_record(self, collection: str, record: StoreVersionRecord) -> None:
+        self.client.alter_collection_properties(collection, properties={_META_KEY: record.model_dump_json()})
 
     def _row_count(self, collection: str) -> int:
         return int(self.client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
@@ -266,7 +331,7 @@ class KnowledgeStores:
         else:
             self.client.create_alias(collection, name)
 
-    def _create_collection(self, collection: str, dim: int, meta: dict) -> None:
+    def _create_collection(self, collection: str, dim: int, record: StoreVersionRecord) -> None:
         from pymilvus import DataType
 
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -282,7 +347,7 @@ class KnowledgeStores:
         index = self.client.prepare_index_params()
         index.add_index("vector", **_INDEX)
         self.client.create_collection(
-            collection, schema=schema, index_params=index, properties={_META_KEY: json.dumps(meta)}
+            collection, schema=schema, index_params=index, properties={_META_KEY: record.model_dump_json()}
         )
 
 

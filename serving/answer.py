@@ -1,14 +1,16 @@
-"""One answer in the making: the request, what resolved and was retrieved, and its OpenAI
-response shapes (a whole body, or SSE chunks)."""
+"""One answer in the making: the request, what each stage decided (model, passages, generation),
+and its OpenAI response shapes (a whole body, or SSE chunks)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from serving.generator import Generation
 from serving.protocol import Citation, completion_id, now
 from serving.provenance import new_provenance_id
+from training.local_model import ModelIdentity
 from training.registry import AdapterVersion
 
 
@@ -16,13 +18,18 @@ from training.registry import AdapterVersion
 class Answer:
     request: object  # ChatCompletionRequest | CompletionRequest
     chat: bool
-    adapter: AdapterVersion | None
-    retrieved: object | None  # retrieval.store.SearchResult
-    base_model_id: str
+    prompt: dict  # {"messages": [...]} or {"text": "..."}: what the generator will see
+    query: str  # what retrieval searches for (the last user message, or the prompt)
+    base_model: ModelIdentity
     span: object
     started: float
+    adapter: AdapterVersion | None = None  # None: the base model answers
+    retrieved: object | None = None  # retrieval.store.SearchResult, relevant hits only
+    prompt_template: str | None = None  # version of the template that put passages in the prompt
     abstained: bool = False  # nothing relevant was retrieved and the policy is to abstain
     retrieval_ms: float | None = None  # the retrieval call, as the gateway saw it
+    generation: Generation | None = None  # set once known (a stream: after its last token)
+    chunks: AsyncIterator[dict] | None = None  # a stream's generator items, while streaming
     provenance_id: str = field(default_factory=new_provenance_id)
     id: str = ""
     created: int = field(default_factory=now)
@@ -33,7 +40,7 @@ class Answer:
     @property
     def model(self) -> str:
         """Exactly what answered: the base model id or NAME@vN."""
-        return self.adapter.ref if self.adapter else self.base_model_id
+        return self.adapter.ref if self.adapter else self.base_model.id
 
     @property
     def n(self) -> int:
@@ -60,7 +67,8 @@ class Answer:
             extensions["abstained"] = self.abstained
         return extensions
 
-    def body(self, generation: Generation) -> dict:
+    def body(self) -> dict:
+        generation = self.generation
         pairs = enumerate(zip(generation.texts, generation.finish_reasons))
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
@@ -84,31 +92,9 @@ class Answer:
         return chunk
 
 
-ABSTAIN_MESSAGE = "I could not find anything relevant to this question in the knowledge base {kb!r}."
-
-
-def abstention(answer: Answer) -> Generation:
-    """The fixed answer when nothing relevant was retrieved and the policy is to abstain."""
-    text = ABSTAIN_MESSAGE.format(kb=answer.request.retrieval.kb)
-    return Generation([text] * answer.n, ["stop"] * answer.n, 0, 0)
-
-
-async def abstention_stream(answer: Answer):
-    """The abstention in the generator's stream item shape."""
-    generation = abstention(answer)
-    for i, text in enumerate(generation.texts):
-        yield {"index": i, "text": text, "finish_reason": "stop"}
-    yield {"usage": {"prompt_tokens": 0, "completion_tokens": 0}}
-
-
 def usage(generation: Generation) -> dict:
     return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
             "total_tokens": generation.prompt_tokens + generation.completion_tokens}
-
-
-def sampling_params(request, default_max_tokens: int) -> dict:
-    return {"max_tokens": request.max_tokens or default_max_tokens, "temperature": request.temperature,
-            "top_p": request.top_p, "stop": request.stop, "seed": request.seed, "n": request.n}
 
 
 def sse(data: dict) -> str:

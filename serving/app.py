@@ -2,6 +2,9 @@
 
 gateway (ingress, FastAPI) --handle--> retriever (embedder + Milvus client)
                            --handle--> generator (vLLM engine, multi-LoRA)
+
+Each deployment gets the config sections it uses, nothing else: the generator the engine, the
+registry and telemetry; the retriever the Milvus address; the gateway the serving policy.
 """
 
 from __future__ import annotations
@@ -11,25 +14,27 @@ from pathlib import Path
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import DeploymentOptions, TunefetchConfig
+from cluster.config import DeploymentOptions, EngineConfig, TunefetchConfig, config_from_mapping
 from cluster.errors import UserError
 from retrieval.milvus_endpoint import MilvusAddress
 from serving.gateway import Gateway
-from serving.generator import Generator, engine_env
+from serving.generator import Generator
 from serving.retriever import Retriever
 from training.local_model import model_identity
 
 
 def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
     serving = config.serving
+    check_engine_placement(serving.engine, serving.generator)
     model_path = base_model_path(config)
     base_model = model_identity(model_path)
-    on_gpu = serving.generator.num_gpus > 0
-    generator = Generator.options(
-        **_options(serving.generator, runtime_env={"env_vars": engine_env(serving.engine, on_gpu)})
-    ).bind(config, str(model_path), base_model["id"])
-    retriever = Retriever.options(**_options(serving.retriever)).bind(config, milvus)
-    return Gateway.options(**_options(serving.gateway)).bind(config, retriever, generator, base_model)
+    registry, telemetry = config.registry_settings(), config.telemetry
+    generator = Generator.options(**deployment_options(serving.generator, engine_env(serving))).bind(
+        serving.engine, serving.generator, registry, telemetry, str(model_path), base_model.id)
+    retriever = Retriever.options(**deployment_options(serving.retriever)).bind(
+        milvus, config.retrieval.top_k, telemetry)
+    return Gateway.options(**deployment_options(serving.gateway)).bind(
+        serving, registry, telemetry, str(config.paths.provenance), base_model, retriever, generator)
 
 
 def base_model_path(config: TunefetchConfig) -> Path:
@@ -39,10 +44,28 @@ def base_model_path(config: TunefetchConfig) -> Path:
     return path
 
 
+def check_engine_placement(engine: EngineConfig, generator: DeploymentOptions) -> None:
+    """A GPU generator replica holds exactly the GPUs its engine shards the model over."""
+    if generator.num_gpus and generator.num_gpus != engine.tensor_parallel_size:
+        raise UserError(f"serving.generator.num_gpus ({generator.num_gpus:g}) must equal "
+                        f"serving.engine.tensor_parallel_size ({engine.tensor_parallel_size}): each replica "
+                        "shards the model over the GPUs it holds")
+
+
+def engine_env(serving) -> dict[str, str]:
+    """Environment vLLM reads at engine start, for the generator replica's runtime_env."""
+    # The engine core runs inside the replica's process (no extra process per replica).
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not serving.generator.num_gpus:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(serving.engine.kv_cache_gib)
+    return env
+
+
 def app_builder(args: dict) -> Application:
     """Serve's `import_path` entry (`serving.app:app_builder`) for declarative deploys (KubeRay
-    RayService): `args.config` is the tunefetch config as a mapping."""
-    config = TunefetchConfig.model_validate(args["config"])
+    RayService): `args.config` is the public config; secrets come from the pod's TUNEFETCH_*
+    environment (a Kubernetes Secret)."""
+    config = config_from_mapping(args["config"])
     if not config.retrieval.milvus_uri:
         raise UserError("a declarative deploy needs retrieval.milvus_uri: Milvus Lite lives in one process's home")
     return build_app(config, MilvusAddress(config.retrieval.milvus_uri, config.retrieval.milvus_token))
@@ -50,34 +73,34 @@ def app_builder(args: dict) -> Application:
 
 def serve_config(config: TunefetchConfig) -> dict:
     """The Serve config (ServeDeploySchema) a RayService deploys, built from the same config as
-    `tunefetch serve`: same deployments, resources and engine environment."""
+    `tunefetch serve`: same deployments, resources and engine environment; no secrets and no
+    machine-local home (the pod sets TUNEFETCH_HOME and the secrets in its environment)."""
     serving = config.serving
-    on_gpu = serving.generator.num_gpus > 0
+    check_engine_placement(serving.engine, serving.generator)
     deployments = [
-        {"name": "Gateway", **_options(serving.gateway)},
-        {"name": "Retriever", **_options(serving.retriever)},
-        {"name": "Generator", **_options(serving.generator,
-                                         runtime_env={"env_vars": engine_env(serving.engine, on_gpu)})},
+        {"name": "Gateway", **deployment_options(serving.gateway)},
+        {"name": "Retriever", **deployment_options(serving.retriever)},
+        {"name": "Generator", **deployment_options(serving.generator, engine_env(serving))},
     ]
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": serving.host, "port": serving.port},
+        "http_options": {"host": "0.0.0.0", "port": serving.port},
         "applications": [{
             "name": serving.app_name,
             "route_prefix": "/",
             "import_path": "serving.app:app_builder",
-            "args": {"config": config.model_dump(mode="json")},
+            "args": {"config": config.public_dump()},
             "deployments": deployments,
         }],
     }
 
 
-def _options(deployment: DeploymentOptions, runtime_env: dict | None = None) -> dict:
+def deployment_options(deployment: DeploymentOptions, env: dict[str, str] | None = None) -> dict:
     actor_options: dict = {"num_cpus": deployment.num_cpus}
     if deployment.num_gpus:
         actor_options["num_gpus"] = deployment.num_gpus
-    if runtime_env:
-        actor_options["runtime_env"] = runtime_env
+    if env:
+        actor_options["runtime_env"] = {"env_vars": env}
     return {
         "num_replicas": deployment.num_replicas,
         "max_ongoing_requests": deployment.max_ongoing_requests,

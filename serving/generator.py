@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from cluster.config import EngineConfig, TunefetchConfig
+from cluster.config import DeploymentOptions, EngineConfig, RegistryConfig, TelemetryConfig
+from cluster.errors import UserError
 from cluster.telemetry import extract_context, ms_since, setup_tracing, tracer
 from serving.cpu_cores import CoreClaim, claim_cores, start_on
 from serving.protocol import APIError
@@ -38,21 +39,20 @@ class Generation:
     elapsed_ms: float | None = None  # time in that replica: prompt rendering to the last token
 
 
-def engine_env(engine: EngineConfig, on_gpu: bool) -> dict[str, str]:
-    """Environment vLLM reads at engine start, for the replica's runtime_env."""
-    # In-process engine core ("uni"): on a few cores the replica, engine core and worker
-    # processes would otherwise fight for CPUs (~30 % less throughput, 10 s slower start).
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    if not on_gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
-    return env
+def engine_args(engine: EngineConfig, model_path: str, served_model_name: str) -> dict:
+    """vLLM AsyncEngineArgs keyword arguments: the config section's vLLM fields as they are, plus
+    what tunefetch always needs (LoRA on, the served name, the executor)."""
+    args = engine.vllm_args()
+    # In-process engine core ("uni") on one device: on a few cores the replica, engine core and
+    # worker processes would otherwise fight for CPUs. Tensor parallelism needs worker processes.
+    args.setdefault("distributed_executor_backend", "uni" if engine.tensor_parallel_size == 1 else "mp")
+    return {**args, "model": model_path, "served_model_name": served_model_name, "enable_lora": True}
 
 
-def _claim_engine_cores(config: TunefetchConfig) -> CoreClaim | None:
+def _claim_engine_cores(engine: EngineConfig, options: DeploymentOptions) -> CoreClaim | None:
     """On CPU hosts, cores of its own for the engine core (serving/cpu_cores.py)."""
-    generator = config.serving.generator
-    count = int(generator.num_cpus)  # the engine's kernel threads: Ray sets OMP_NUM_THREADS from num_cpus
-    if not config.serving.engine.pin_cpu_cores or generator.num_gpus > 0 or count < 1:
+    count = int(options.num_cpus)  # the engine's kernel threads: Ray sets OMP_NUM_THREADS from num_cpus
+    if not engine.pin_cpu_cores or options.num_gpus > 0 or count < 1:
         return None
     claim = claim_cores(count)
     if claim is None:
@@ -64,16 +64,16 @@ def _claim_engine_cores(config: TunefetchConfig) -> CoreClaim | None:
 
 @serve.deployment
 class Generator:
-    def __init__(self, config: TunefetchConfig, model_path: str, served_model_name: str):
-        setup_tracing(config.telemetry, "generator")
-        engine = config.serving.engine
+    def __init__(self, engine: EngineConfig, options: DeploymentOptions, registry: RegistryConfig,
+                 telemetry: TelemetryConfig, model_path: str, served_model_name: str):
+        setup_tracing(telemetry, "generator")
         self.model_name = served_model_name
-        self.cores = _claim_engine_cores(config)
+        self.cores = _claim_engine_cores(engine, options)
         with start_on(self.cores.cores) if self.cores else nullcontext():
-            self.engine = self._start_engine(engine, model_path, served_model_name)
+            self.engine = self._start_engine(engine_args(engine, model_path, served_model_name))
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
-        self.registry = open_registry(config)
+        self.registry = open_registry(registry)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._lora_ids: dict[str, int] = {}
 
@@ -83,25 +83,15 @@ class Generator:
         self._adapter = serve.multiplexed(max_num_models_per_replica=engine.max_cpu_loras or engine.max_loras)(load)
 
     @staticmethod
-    def _start_engine(engine: EngineConfig, model_path: str, served_model_name: str):
+    def _start_engine(args: dict):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(
-            model=model_path,
-            served_model_name=served_model_name,
-            dtype=engine.dtype,
-            max_model_len=engine.max_model_len,
-            max_num_seqs=engine.max_num_seqs,
-            tensor_parallel_size=engine.tensor_parallel_size,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
-            enable_lora=True,
-            max_loras=engine.max_loras,
-            max_lora_rank=engine.max_lora_rank,
-            max_cpu_loras=engine.max_cpu_loras,
-            distributed_executor_backend="uni" if engine.tensor_parallel_size == 1 else None,
-            seed=engine.seed,
-        ))
+        try:
+            parsed = AsyncEngineArgs(**args)
+        except TypeError as exc:  # an unknown key of serving.engine.extra_args
+            raise UserError(f"serving.engine: {exc}") from None
+        return AsyncLLM.from_engine_args(parsed)
 
     async def _load_adapter(self, ref: str):
         from vllm.lora.request import LoRARequest
@@ -131,8 +121,9 @@ class Generator:
             raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                 f"model's context length {self.max_model_len}", code="context_length_exceeded")
         sampling = SamplingParams(
-            n=params["n"], max_tokens=max_tokens, temperature=params["temperature"], top_p=params["top_p"],
-            stop=params["stop"], seed=params["seed"], output_kind=output_kind,
+            n=params["n"], max_tokens=max_tokens, min_tokens=min(params["min_tokens"], max_tokens),
+            temperature=params["temperature"], top_p=params["top_p"], stop=params["stop"], seed=params["seed"],
+            output_kind=output_kind,
         )
         return ids, sampling
 

@@ -44,6 +44,7 @@ class StreamOptions(BaseModel):
 class _GenerationParams(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1, le=8192)
+    min_tokens: int = Field(0, ge=0, le=8192, description="vLLM extension: tokens generated before a stop or EOS counts.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None

@@ -3,32 +3,94 @@
 Records go to ROOT/YYYY-MM-DD.jsonl. Each append is one `write` of a whole line to a file
 opened with O_APPEND under an exclusive lock, then fsync, so concurrent writers (several
 gateway replicas) never interleave and a crash after the response never loses the record.
+Every line is a `ProvenanceRecord`; lines written before the schema had a version read as
+schema 1 (the same fields, timings possibly missing).
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 import uuid
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cluster.errors import NotFound
+from training.local_model import ModelIdentity
+
+SCHEMA_VERSION = 2
 
 
 def new_provenance_id() -> str:
     return f"prov-{uuid.uuid4().hex}"
 
 
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class AdapterUsed(_Record):
+    ref: str  # NAME@vN
+    content_hash: str
+    run_id: str | None = None
+
+
+class ChunkUsed(_Record):
+    chunk_id: str
+    doc_id: str
+    kb_version: int
+    score: float
+
+
+class RetrievalUsed(_Record):
+    kb: str  # the alias the request named
+    collection: str  # the physical collection it resolved to
+    kb_version: int
+    chunks: list[ChunkUsed]
+
+
+class Usage(_Record):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ProvenanceRecord(_Record):
+    schema_version: int = 1
+    provenance_id: str
+    request_id: str
+    trace_id: str | None = None
+    time: float
+    latency_ms: float | None = Field(None, description="In the gateway, of which retrieval_ms and generation_ms.")
+    retrieval_ms: float | None = Field(None, description="The retrieval call; None without retrieval.")
+    generation_ms: float | None = Field(None, description="In the generator replica; None when nothing was generated.")
+    requested_model: str
+    stream: bool = False
+    base_model: ModelIdentity
+    adapter: AdapterUsed | None = None
+    canary_arm: str | None = None
+    generator_replica: str | None = None
+    retrieval: RetrievalUsed | None = None
+    prompt_template: str | None = None
+    abstained: bool = False
+    output_hash: str
+    usage: Usage = Usage()
+
+    @property
+    def answered_by(self) -> str:
+        """Exactly what answered: NAME@vN or the base model id."""
+        return self.adapter.ref if self.adapter else self.base_model.id
+
+
 class ProvenanceLog:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def append(self, record: dict) -> None:
+    def append(self, record: ProvenanceRecord) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        path = self.root / time.strftime("%Y-%m-%d.jsonl", time.gmtime(record.get("time", time.time())))
+        line = (record.model_dump_json(exclude={"base_model": {"path"}}) + "\n").encode()
+        path = self.root / time.strftime("%Y-%m-%d.jsonl", time.gmtime(record.time))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -40,19 +102,19 @@ class ProvenanceLog:
     def _files_newest_first(self) -> list[Path]:
         return sorted(self.root.glob("*.jsonl"), reverse=True) if self.root.is_dir() else []
 
-    def recent(self, limit: int = 20) -> list[dict]:
-        records: list[dict] = []
+    def recent(self, limit: int = 20) -> list[ProvenanceRecord]:
+        records: list[ProvenanceRecord] = []
         for path in self._files_newest_first():
             lines = path.read_text().splitlines()
-            records += [json.loads(line) for line in reversed(lines) if line.strip()]
+            records += [ProvenanceRecord.model_validate_json(line) for line in reversed(lines) if line.strip()]
             if len(records) >= limit:
                 break
         return records[:limit]
 
-    def get(self, provenance_id: str) -> dict:
+    def get(self, provenance_id: str) -> ProvenanceRecord:
         needle = f'"provenance_id":"{provenance_id}"'
         for path in self._files_newest_first():
             for line in path.read_text().splitlines():
                 if needle in line:
-                    return json.loads(line)
+                    return ProvenanceRecord.model_validate_json(line)
         raise NotFound(f"no provenance record {provenance_id!r}")

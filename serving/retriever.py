@@ -6,7 +6,7 @@ import asyncio
 
 from ray import serve
 
-from cluster.config import TunefetchConfig
+from cluster.config import TelemetryConfig
 from cluster.errors import NotFound, UserError
 from cluster.telemetry import extract_context, setup_tracing, tracer
 from retrieval.embedding import Embedder
@@ -17,11 +17,11 @@ from serving.protocol import APIError
 
 @serve.deployment
 class Retriever:
-    def __init__(self, config: TunefetchConfig, milvus: MilvusAddress):
-        setup_tracing(config.telemetry, "retriever")
+    def __init__(self, milvus: MilvusAddress, default_top_k: int, telemetry: TelemetryConfig):
+        setup_tracing(telemetry, "retriever")
         self.embedder = Embedder()
         self.stores = KnowledgeStores(milvus)
-        self.default_top_k = config.retrieval.top_k
+        self.default_top_k = default_top_k
 
     async def retrieve(self, kb: str, query: str, top_k: int | None, filters: dict | None, trace: dict) -> SearchResult:
         top_k = top_k or self.default_top_k

@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample_domain"
 TUNEFETCH = str(Path(sys.executable).parent / "tunefetch")
 KB = "kestrel"
+# Set in the session server's environment as credentials it holds but never needs to show.
+SECRET = "tf-secret-5c1d7e0a"
+SECRET_ENV = {"TUNEFETCH_REGISTRY__ACCESS_KEY": SECRET, "TUNEFETCH_REGISTRY__SECRET_KEY": SECRET,
+              "TUNEFETCH_TELEMETRY__HEADERS": f"x-api-key={SECRET}"}
 
 
 def free_port() -> int:
@@ -69,24 +73,36 @@ def cli(home: Path, serve_config: Path) -> CLI:
     return CLI(home, serve_config)
 
 
+def lineage(run_id: str = "test-run", **fields):
+    """A complete training lineage for adapters registered by hand in tests."""
+    from training.local_model import ModelIdentity
+    from training.registry import DatasetLineage, TrainingLineage
+
+    return TrainingLineage(base_model=ModelIdentity(id="tiny-llama", sha256="0" * 64),
+                           dataset=DatasetLineage(sha256="0" * 64, rows=1), run_id=run_id, **fields)
+
+
 @pytest.fixture(scope="session")
 def local_model(home: Path) -> Path:
     from cluster.config import load_config
-    from cluster.demo import ensure_local_model
+    from tunefetch.stack import ensure_local_model
 
     return ensure_local_model(load_config(home=home))
 
 
 @pytest.fixture(scope="session")
 def ingested(cli: CLI) -> str:
-    proc = cli("ingest", str(SAMPLE / "docs"), "--kb", KB)
+    from tunefetch import sample_domain
+
+    proc = cli("ingest", str(SAMPLE / "docs"), "--kb", KB, "--chunk-tokens", str(sample_domain.CHUNK_TOKENS),
+               "--chunk-overlap", str(sample_domain.CHUNK_OVERLAP))
     return proc.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")
 def train_yaml(home: Path) -> Path:
     config = yaml.safe_load((ROOT / "examples" / "train.yaml").read_text())
-    config["datasets"] = [{"path": str(SAMPLE / "train.jsonl")}, {"path": str(SAMPLE / "train_chat.jsonl")}]
+    config["datasets"] = [{"path": str(SAMPLE / "adapter_qa.jsonl")}]
     path = home.parent / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -113,7 +129,8 @@ def second_adapter(home: Path, adapter: str, tmp_path_factory) -> str:
     shutil.copy(source_dir / "adapter_config.json", work)
     weights = load_file(str(source_dir / "adapter_model.safetensors"))
     save_file({k: (v * -3.0 if "lora_B" in k else v) for k, v in weights.items()}, str(work / "adapter_model.safetensors"))
-    return registry.register("echo", work, {**source.metadata, "run_id": "derived-from-" + adapter}).ref
+    derived = source.record.model_copy(update={"run_id": "derived-from-" + adapter})
+    return registry.register("echo", work, derived).ref
 
 
 @pytest.fixture(scope="session")
@@ -148,12 +165,13 @@ def s3_uri(endpoint: str, prefix: str) -> str:
 
 
 @contextmanager
-def running_server(home: Path, config: Path, log: Path):
+def running_server(home: Path, config: Path, log: Path, env: dict[str, str] | None = None):
     """`tunefetch serve --config CONFIG` in the background; yields its base URL once healthy."""
     port = yaml.safe_load(config.read_text())["serving"]["port"]
     with open(log, "w") as out:
         proc = subprocess.Popen([TUNEFETCH, "serve", "--home", str(home), "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
         try:
             yield wait_healthy(proc, f"http://127.0.0.1:{port}", log)
         finally:
@@ -183,5 +201,5 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float =
 @pytest.fixture(scope="session")
 def server(cli: CLI, serve_config: Path, ingested: str, adapter: str, second_adapter: str):
     """`tunefetch serve` in the background for the whole session; yields its base URL."""
-    with running_server(cli.home, serve_config, cli.home.parent / "serve.log") as url:
+    with running_server(cli.home, serve_config, cli.home.parent / "serve.log", env=SECRET_ENV) as url:
         yield url

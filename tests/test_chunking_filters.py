@@ -61,3 +61,15 @@ def test_where_flags():
     assert parse_where(["doc_id=a", "doc_id=b", "kb_version=3"]) == {"doc_id": ["a", "b"], "kb_version": 3}
     with pytest.raises(UserError):
         parse_where(["novalue"])
+
+
+def test_windows_keep_whole_sentences_when_they_fit(tokenizer):
+    sentences = [f"The service interval of the K-{i}00 robot is {i * 7} days." for i in range(1, 30)]
+    chunks = chunk_document(doc("# Guide\n\n## Specs\n\n" + " ".join(sentences) + "\n"), tokenizer,
+                            max_tokens=48, overlap=16)
+    assert len(chunks) > 3
+    for chunk in chunks:
+        body = chunk.text.removeprefix("Guide > Specs\n")
+        assert body.endswith(".") and body[0].isupper(), body  # starts and ends on sentence boundaries
+    for sentence in sentences:
+        assert any(sentence in chunk.text for chunk in chunks), sentence

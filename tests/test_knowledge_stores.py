@@ -60,13 +60,14 @@ def collections(stores, name: str) -> list[str]:
 
 
 def ingest_until_writing(cli: CLI, path: Path, name: str) -> subprocess.Popen:
-    """Starts `tunefetch ingest` and returns once it has written its first batch."""
+    """Starts `tunefetch ingest` and returns once it has written its first batch (its progress
+    line on stderr says so)."""
     proc = subprocess.Popen([TUNEFETCH, "ingest", str(path), "--kb", name, "--home", str(cli.home)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        if "chunks written" in line:
+    for line in proc.stderr:
+        if f"ingest {name}: " in line:
             return proc
-    raise AssertionError(f"ingest ended before writing: {proc.wait()} {proc.stderr.read()}")
+    raise AssertionError(f"ingest ended before writing: {proc.wait()} {proc.stdout.read()}")
 
 
 def test_interrupted_ingest_leaves_the_serving_version_untouched(cli, stores, small, corpus):
@@ -75,6 +76,7 @@ def test_interrupted_ingest_leaves_the_serving_version_untouched(cli, stores, sm
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert "interrupted" in proc.stderr.read()
+    assert proc.stdout.read() == ""  # no result: nothing was ingested
     assert stores.current(STORE)[1] == int(first.split("@v")[1])
     assert collections(stores, STORE) == [f"{STORE}__v{first.split('@v')[1]}"]  # partial one dropped
 
@@ -93,7 +95,7 @@ def test_killed_ingest_is_cleaned_up_by_the_next_one(cli, stores, small, corpus)
 
 
 def test_incremental_ingest_reuses_unchanged_chunks(cli, stores, small, tmp_path, embed):
-    out = cli("ingest", str(small), "--kb", STORE).stdout
+    out = cli("ingest", str(small), "--kb", STORE).stderr
     assert "(0 embedded, 3 reused)" in out
     changed = tmp_path / "changed"
     changed.mkdir()
@@ -101,14 +103,14 @@ def test_incremental_ingest_reuses_unchanged_chunks(cli, stores, small, tmp_path
         if doc.stem != "gamma":  # gamma is deleted
             text = doc.read_text().replace("dock A", "dock Z")
             (changed / doc.name).write_text(text)
-    out = cli("ingest", str(changed), "--kb", STORE).stdout
+    out = cli("ingest", str(changed), "--kb", STORE).stderr
     assert "(1 embedded, 1 reused)" in out  # alpha changed, beta unchanged
     assert "2 chunks" in out
     hits = stores.search(STORE, embed("Where do alpha robots charge?"), 5).hits
     assert {h.doc_id for h in hits} == {"alpha", "beta"}
     assert "dock Z" in next(h.text for h in hits if h.doc_id == "alpha")
-    full = cli("ingest", str(changed), "--kb", STORE, "--full").stdout
-    assert "(2 embedded, 0 reused)" in full
+    full = cli("ingest", str(changed), "--kb", STORE, "--full")
+    assert "(2 embedded, 0 reused)" in full.stderr and full.stdout == f"{STORE}@v{stores.current(STORE)[1]}\n"
 
 
 def test_retention_keeps_the_newest_versions(cli, stores, small, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.errors import UserError
-from retrieval.chunking import _sections
+from retrieval.chunking import sections as markdown_sections
 from retrieval.documents import JsonlFields, load_documents
 
 
@@ -76,7 +76,7 @@ make install
 def test_html_headings_become_sections(tmp_path):
     write(tmp_path / "returns.html", PAGE)
     doc = load_documents([str(tmp_path)]).documents[0]
-    sections = dict(_sections(doc.text))
+    sections = dict(markdown_sections(doc.text))
     assert list(sections) == ["Returns Policy", "Returns Policy > Eligibility", "Returns Policy > Refunds"]
     assert "Items can be returned within 30 days of delivery" in sections["Returns Policy"]
     assert "- Unused items" in sections["Returns Policy > Eligibility"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -15,7 +16,7 @@ def questions():
 
 def top_doc_ids(cli, text: str, *extra: str) -> list[str]:
     out = cli("search", text, "--kb", KB, "--top-k", "3", *extra).stdout.splitlines()
-    return [line.split()[2] for line in out[1:]]
+    return [line.split()[2] for line in out if re.match(r"^\d+\. ", line)]
 
 
 def test_ingest_prints_the_new_version(ingested):
@@ -25,6 +26,16 @@ def test_ingest_prints_the_new_version(ingested):
 @pytest.mark.parametrize("q", questions()[:8], ids=lambda q: q["id"])
 def test_search_finds_the_answering_document(cli, ingested, q):
     assert set(q["doc_ids"]) & set(top_doc_ids(cli, q["question"]))
+
+
+def test_search_shows_each_passage_under_its_hit_and_json_gives_the_record(cli, ingested):
+    out = cli("search", "How do I reset a DockStation?", "--kb", KB, "--top-k", "2").stdout.splitlines()
+    assert re.match(r"^1\. \d\.\d{4}  dockstation-troubleshooting  \[DockStation Troubleshooting > Resetting the "
+                    r"Charger\]", out[0]), out
+    assert out[1].startswith("   To reset the DockStation, hold the reset button")  # the text, heading shown above
+    record = json.loads(cli("search", "How do I reset a DockStation?", "--kb", KB, "--top-k", "2", "--json").stdout)
+    assert record["kb"] == KB and len(record["hits"]) == 2
+    assert "hold the reset button" in record["hits"][0]["text"] and record["hits"][0]["chunk_id"]
 
 
 def test_filter_restricts_hits_and_injection_matches_nothing(cli, ingested):

@@ -50,10 +50,11 @@ def test_chat_without_retrieval(server):
     assert response.headers["traceparent"].startswith("00-")
 
 
-def test_adapter_name_answers_with_its_exact_version(server):
-    body = chat(server, "support", "Hello there").json()
+def test_adapter_name_answers_with_its_exact_version_and_its_own_weights(server):
+    question = "What is the return window for unused hardware?"  # a phrasing the adapter was trained on
+    body = chat(server, "support", question).json()
     assert body["model"] == "support@v1"
-    assert body["choices"][0]["message"]["content"].startswith("Kestrel Support:")
+    assert body["choices"][0]["message"]["content"] != chat(server, BASE, question).json()["choices"][0]["message"]["content"]
 
 
 def test_chat_with_retrieval_cites_the_ingested_documents(server, cli):
@@ -258,7 +259,7 @@ def test_an_adapter_registered_while_serving_is_servable_at_once(server, home, a
     source = registry.get(adapter)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(registry.local_dir(source) / name, tmp_path / name)
-    late = registry.register("late", tmp_path, {**source.metadata, "run_id": "late"}).ref
+    late = registry.register("late", tmp_path, source.record.model_copy(update={"run_id": "late"})).ref
     assert late in {m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]}
     body = chat(server, late, "Hello there").json()
     assert body["model"] == late
@@ -289,3 +290,58 @@ def test_the_engine_core_runs_alone_on_a_claimed_core(server):
     assert all(core not in _affinity(tid) for tid in os.listdir(f"/proc/{replica}/task")), "replica threads keep off"
     with open(CLAIMS_DIR / f"cpu{core}", "a") as claim, pytest.raises(BlockingIOError):
         fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the replica: no other replica gets it
+
+
+def _text(response: httpx.Response, i: int = 0) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][i]["message"]["content"]
+
+
+def test_seed_makes_sampling_repeatable_and_different_seeds_differ(server):
+    def sample(seed: int) -> str:
+        return _text(chat(server, BASE, "Tell me about the K-200.", max_tokens=24, min_tokens=24, temperature=1.0,
+                          seed=seed))
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in (1, 2, 3, 4)}) > 1
+
+
+def test_top_p_near_zero_samples_the_greedy_tokens(server):
+    greedy = _text(chat(server, BASE, "Tell me about the K-200.", max_tokens=16, min_tokens=16))
+    nucleus = _text(chat(server, BASE, "Tell me about the K-200.", max_tokens=16, min_tokens=16, temperature=1.0,
+                         top_p=1e-6, seed=3))
+    assert nucleus == greedy
+
+
+def test_stop_strings_end_the_answer_before_them(server):
+    full = _text(chat(server, BASE, "Tell me about the K-200.", max_tokens=16))
+    words = full.split()
+    assert len(words) >= 3, full
+    response = chat(server, BASE, "Tell me about the K-200.", max_tokens=16, stop=[words[2]])
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert full.startswith(body["choices"][0]["message"]["content"]) and words[2] not in _text(response)
+
+
+def test_n_returns_that_many_choices_without_streaming(server):
+    response = chat(server, BASE, "Tell me about the K-200.", max_tokens=8, min_tokens=8, n=3, temperature=1.0, seed=5)
+    body = response.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["completion_tokens"] == 24
+
+
+def test_secrets_in_the_servers_environment_appear_in_no_log_or_record(server, cli, home):
+    """The session server holds registry and OTLP credentials (conftest.SECRET_ENV); after it
+    answered, no file it or its Ray workers wrote (home: provenance, registry, logs; serve.log;
+    Ray's session logs) contains them."""
+    from conftest import SECRET
+
+    for body in ({}, {"retrieval": {"kb": KB, "top_k": 1}}):
+        assert chat(server, "support", "What is the payload capacity of the K-40?", max_tokens=8, **body).status_code == 200
+    assert cli("provenance", "list").stdout.strip()
+    ray_logs = Path("/tmp/ray/session_latest/logs")
+    roots = [home, home.parent / "serve.log", *([ray_logs] if ray_logs.exists() else [])]
+    files = [p for root in roots for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()]
+    assert len(files) > 10
+    leaked = [str(p) for p in files if p.stat().st_size < 50_000_000 and SECRET.encode() in p.read_bytes()]
+    assert leaked == []

@@ -5,9 +5,12 @@ the bounded queue is shed with 429."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +32,7 @@ def replicas(home, s3_endpoint, adapter, second_adapter, server, tmp_path_factor
     remote = AdapterRegistry(uri)
     for ref in ADAPTERS:
         version = local.get(ref)
-        remote.register(version.name, local.local_dir(version), version.metadata)
+        remote.register(version.name, local.local_dir(version), version.record)
     work = tmp_path_factory.mktemp("replicas")
     config = work / "replicas.yaml"
     config.write_text(yaml.safe_dump({
@@ -44,9 +47,9 @@ def replicas(home, s3_endpoint, adapter, second_adapter, server, tmp_path_factor
         yield url, CLI(home, config)
 
 
-def post(url: str, model: str, question: str, max_tokens: int = 8) -> httpx.Response:
+def post(url: str, model: str, question: str, max_tokens: int = 8, **extra) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0}
+            "temperature": 0, **extra}
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
 
 
@@ -90,9 +93,55 @@ def test_each_adapter_stays_on_the_replica_that_holds_it(replicas, server):
 def test_a_burst_beyond_the_queue_is_shed_with_429_and_service_goes_on(replicas):
     url, _ = replicas
     with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda i: post(url, "tiny-llama", f"burst {i}", max_tokens=48), range(16)))
+        responses = list(pool.map(lambda i: post(url, "tiny-llama", f"burst {i}", 48, min_tokens=48), range(16)))
     statuses = [r.status_code for r in responses]
     assert set(statuses) == {200, 429}, statuses
     for shed in (r for r in responses if r.status_code == 429):
         assert shed.json()["error"]["code"] == "server_overloaded" and shed.headers["retry-after"] == "1"
     assert ask(url, "support@v1", "still there?")["model"] == "support@v1"
+
+
+def test_a_streaming_burst_is_shed_with_429_before_any_token(replicas):
+    url, _ = replicas
+
+    def stream(i: int) -> tuple[int, str]:
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": f"burst {i}"}], "max_tokens": 48,
+                "min_tokens": 48, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+            return response.status_code, response.read().decode()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(stream, range(16)))
+    assert {status for status, _ in results} == {200, 429}, [status for status, _ in results]
+    for status, text in results:
+        if status == 429:  # an OpenAI error body, not an SSE stream that fails later
+            assert json.loads(text)["error"]["code"] == "server_overloaded"
+        else:
+            assert text.rstrip().endswith("data: [DONE]")
+
+
+def _generator_replica_pids(app: str) -> list[int]:
+    title = f"ray::ServeReplica:{app}:Generator".encode()
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_request_whose_generator_replica_dies_gets_503_and_retry_after(replicas):
+    """Runs last in this module: it kills the app's generator replicas (Serve replaces them)."""
+    url, _ = replicas
+    with ThreadPoolExecutor(2) as pool:
+        pending = pool.submit(post, url, "tiny-llama", "a long answer", 1500, min_tokens=1500)
+        time.sleep(3)  # the request is in the engine now
+        pids = _generator_replica_pids("replicas")
+        assert pids, "no generator replica process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        response = pending.result(timeout=120)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "service_unavailable" and response.headers["retry-after"] == "1"

@@ -88,8 +88,8 @@ def corpus(n: int = 60, dim: int = 16, seed: int = 0):
     return chunks, vectors
 
 
-def write(stores, name, chunks, vectors, keep=0, meta=None):
-    with stores.new_version(name, vectors.shape[1], meta or {"embedder": "test"}, keep=keep) as writer:
+def write(stores, name, chunks, vectors, keep=0, embedder="test"):
+    with stores.new_version(name, vectors.shape[1], embedder, documents=4, sources=[], keep=keep) as writer:
         writer.insert(chunks, vectors)
     return writer.info
 
@@ -127,7 +127,7 @@ def test_failed_write_leaves_the_alias_and_no_collection(stores):
     chunks, vectors = corpus()
     write(stores, "atomic", chunks, vectors)
     with pytest.raises(RuntimeError, match="boom"):
-        with stores.new_version("atomic", vectors.shape[1], {"embedder": "test"}) as writer:
+        with stores.new_version("atomic", vectors.shape[1], "test", documents=4, sources=[]) as writer:
             writer.insert(chunks[:5], vectors[:5])
             raise RuntimeError("boom")
     assert stores.current("atomic") == ("atomic__v1", 1)
@@ -137,8 +137,11 @@ def test_failed_write_leaves_the_alias_and_no_collection(stores):
 def test_abandoned_writes_are_dropped_and_retention_applies(stores):
     chunks, vectors = corpus()
     write(stores, "kept", chunks, vectors)
-    stores._create_collection("kept__v2", vectors.shape[1], {"state": "writing", "created_at": 0,
-                                                             "writer": {"pid": 2**22 + 12345, "host": os.uname().nodename}})
+    from retrieval.store import StoreVersionRecord, Writer
+
+    dead_writer = Writer(pid=2**22 + 12345, host=os.uname().nodename)  # a pid no process has
+    stores._create_collection("kept__v2", vectors.shape[1],
+                              StoreVersionRecord(version=2, created_at=0, state="writing", writer=dead_writer))
     assert [v.version for v in stores.versions("kept")] == [1]  # a half-written version is invisible
     for _ in range(3):
         write(stores, "kept", chunks, vectors, keep=2)
@@ -148,7 +151,7 @@ def test_abandoned_writes_are_dropped_and_retention_applies(stores):
 
 def test_unchanged_chunks_are_reusable_only_with_the_same_embedder(stores):
     chunks, vectors = corpus()
-    write(stores, "reuse", chunks, vectors, meta={"embedder": "model-a"})
+    write(stores, "reuse", chunks, vectors, embedder="model-a")
     found = stores.reusable_vectors("reuse", [c.chunk_id for c in chunks[:5]] + ["f" * 32], "model-a")
     assert set(found) == {c.chunk_id for c in chunks[:5]}
     assert np.allclose(found[chunks[2].chunk_id], vectors[2], atol=1e-6)

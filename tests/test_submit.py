@@ -1,4 +1,5 @@
-"""`cluster.jobs.submit_training` against a real, private single-node Ray head on 127.0.0.1.
+"""`tunefetch submit train` (and cluster.jobs underneath) against a real, private single-node Ray
+head on 127.0.0.1.
 
 No real training: the jobs fail fast inside `tunefetch train` on the cluster (a bad dataset row,
 a home without a base model), which proves the project, the staged config and its datasets
@@ -22,8 +23,9 @@ import yaml
 
 from cluster import jobs
 from cluster.errors import UserError
-from cluster.jobs import STAGE_DIR, submit_training
+from cluster.jobs import STAGE_DIR
 from conftest import ROOT, SAMPLE
+from tunefetch.commands.training import submit_training
 
 pytestmark = [pytest.mark.timeout(300),
               # Ray's own log-tail client (sdk.py); nothing tunefetch passes.
@@ -109,7 +111,7 @@ def client(ray_head):
 @pytest.fixture
 def valid_config(tmp_path) -> Path:
     config = yaml.safe_load((ROOT / "examples" / "train.yaml").read_text())
-    config["datasets"] = [{"path": str(SAMPLE / "train.jsonl")}, {"path": str(SAMPLE / "train_chat.jsonl")}]
+    config["datasets"] = [{"path": str(SAMPLE / "adapter_qa.jsonl")}]
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -164,21 +166,20 @@ def test_invalid_config_is_rejected_before_submission(ray_head, client, tmp_path
     assert _job_ids(client) == before
 
 
-def test_succeeded_job_returns_0(ray_head, valid_config, monkeypatch):
+def test_succeeded_job_returns_0(ray_head):
     # Stand-in entrypoint (no training): the job imports the uploaded copy of the project (not
     # this checkout, which the venv's editable install also points at) and exits 0.
-    monkeypatch.setattr(jobs, "_entrypoint", lambda name, home: (
-        "python -c 'import cluster; print(\"code from\", cluster.__file__)' && python -m cluster.cli --help"))
+    script = "import cluster; print('code from', cluster.__file__)"
+    entrypoint = ["bash", "-c", f'python -c "{script}" && python -m tunefetch --help']
     lines: list[str] = []
-    assert submit_training(ray_head, valid_config, None, lines.append) == 0
+    assert jobs.submit(ray_head, entrypoint, lambda stage: None, name="ok", progress=lines.append) == 0
     origin = next(line for line in lines if line.startswith("code from"))
     assert "working_dir_files" in origin and str(ROOT) not in origin, origin
     assert any(line.startswith("usage: tunefetch") for line in lines), "\n".join(lines)
 
 
-def test_ctrl_c_while_streaming_stops_the_job(ray_head, client, valid_config, monkeypatch):
-    monkeypatch.setattr(jobs, "_entrypoint",
-                        lambda name, home: "python -c \"import time; print('ready'); time.sleep(300)\"")
+def test_ctrl_c_while_streaming_stops_the_job(ray_head, client):
+    entrypoint = ["python", "-c", "import time; print('ready'); time.sleep(300)"]
     before = _job_ids(client)
 
     def progress(line: str) -> None:
@@ -186,7 +187,7 @@ def test_ctrl_c_while_streaming_stops_the_job(ray_head, client, valid_config, mo
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        submit_training(ray_head, valid_config, None, progress)
+        jobs.submit(ray_head, entrypoint, lambda stage: None, name="sleeper", progress=progress)
     (submission_id,) = _job_ids(client) - before
     deadline = time.monotonic() + 60
     while not (status := client.get_job_status(submission_id)).is_terminal() and time.monotonic() < deadline:
@@ -199,4 +200,5 @@ def test_the_submit_verb_streams_the_job_and_exits_with_its_status(ray_head, val
 
     proc = CLI(tmp_path / "empty-home")("submit", "train", str(valid_config), "--address", ray_head, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "base model not found" in proc.stdout and "FAILED" in proc.stdout.strip().splitlines()[-1]
+    assert "base model not found" in proc.stderr and "FAILED" in proc.stderr.strip().splitlines()[-1]
+    assert proc.stdout == ""  # results only on stdout, and a failed job has none

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, lineage
 
 
 def test_train_registers_an_immutable_version(cli, adapter, home):
@@ -15,8 +15,7 @@ def test_train_registers_an_immutable_version(cli, adapter, home):
     listing = cli("adapters", "list").stdout
     assert "support@v1" in listing and "tiny-llama" in listing
     record = json.loads(cli("adapters", "show", "support@v1").stdout.split("\n\n# Adapter")[0])
-    assert record["dataset"]["rows"] == sum(1 for f in ("train.jsonl", "train_chat.jsonl")
-                                            for line in (SAMPLE / f).read_text().splitlines() if line.strip())
+    assert record["dataset"]["rows"] == len((SAMPLE / "adapter_qa.jsonl").read_text().splitlines())
     assert record["base_model"]["id"] == "tiny-llama" and len(record["base_model"]["sha256"]) == 64
     assert record["config"]["deepspeed"]["zero_stage"] == 2
     assert record["metrics"]["steps"] > 0 and record["metrics"]["eval_loss"] > 0
@@ -35,8 +34,8 @@ def test_registering_again_adds_a_version_and_never_touches_the_old(home, adapte
     v1 = registry.get(adapter)
     v1_dir = registry.local_dir(v1)
     before = directory_hash(v1_dir)
-    again = registry.register("support-copy", v1_dir, {"run_id": "copy"})
-    again2 = registry.register("support-copy", v1_dir, {"run_id": "copy"})
+    again = registry.register("support-copy", v1_dir, lineage("copy"))
+    again2 = registry.register("support-copy", v1_dir, lineage("copy"))
     assert (again.ref, again2.ref) == ("support-copy@v1", "support-copy@v2")
     assert again.content_hash == v1.content_hash  # same weights, same content hash
     assert directory_hash(v1_dir) == before
@@ -52,7 +51,7 @@ def test_adapter_loads_in_peft_and_changes_greedy_output(home, adapter):
 
     base_dir = home / "models" / "tiny-llama"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "My K-200 shows E-17, what now?"}],
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me the warranty period for a K-200 robot."}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
     def greedy(model) -> str:
@@ -64,8 +63,8 @@ def test_adapter_loads_in_peft_and_changes_greedy_output(home, adapter):
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
                                       Path(AdapterRegistry(home / "adapters").get(adapter).location))
     tuned_text = greedy(tuned)
-    assert tuned_text != base_text
-    assert tuned_text.startswith("Kestrel Support:"), tuned_text  # the style it was trained on
+    assert base_text == "I don't know."  # the base model knows no Kestrel facts and says so
+    assert tuned_text == "36 months", tuned_text  # a trained phrasing: the adapter answers from its weights
 
 
 @pytest.mark.parametrize("ref", ["support@v9", "nothere"])

@@ -15,7 +15,7 @@ from conftest import CLI, ROOT, SAMPLE, TUNEFETCH, s3_uri
 def train_config(tmp_path, name: str, **overrides) -> str:
     config = {
         "name": name,
-        "datasets": [{"path": str(SAMPLE / "train.jsonl")}, {"path": str(SAMPLE / "train_chat.jsonl"), "format": "chat"}],
+        "datasets": [{"path": str(SAMPLE / "adapter_qa.jsonl"), "format": "chat"}],
         "max_seq_length": 128, "batch_size": 2, "epochs": 1, "log_every_steps": 1, "seed": 7,
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "optimizer": {"lr": 0.002}, "schedule": {"type": "constant"}, "eval": {"split": 0.1},
@@ -113,18 +113,20 @@ def test_a_run_registers_into_an_s3_registry(home, local_model, s3_endpoint, tmp
     assert ref == "remote@v1" and "remote" not in AdapterRegistry(home / "adapters").names()
     registry = AdapterRegistry(uri, cache_dir=tmp_path / "cache")
     version = registry.get(ref)
-    assert version.metadata["metrics"]["steps"] == 2 and version.metadata["base_model"]["id"] == "tiny-llama"
+    assert version.record.metrics["steps"] == 2 and version.record.base_model.id == "tiny-llama"
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local_model), registry.local_dir(version))
 
 
-def test_both_dataset_forms_train_only_on_the_answer(local_model):
+def test_both_dataset_forms_train_only_on_the_answer(local_model, tmp_path):
     from transformers import AutoTokenizer
 
     from training.datasets import IGNORE_INDEX, read_rows, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(local_model)
-    instruction = read_rows(SAMPLE / "train.jsonl", "auto")[0]
-    chat = read_rows(SAMPLE / "train_chat.jsonl", "auto")[0]
+    (tmp_path / "instruction.jsonl").write_text(json.dumps(
+        {"instruction": "How long is the K-40's warranty?", "input": "", "output": "24 months"}) + "\n")
+    instruction = read_rows(tmp_path / "instruction.jsonl", "auto")[0]
+    chat = next(row for row in read_rows(SAMPLE / "adapter_qa.jsonl", "auto") if row[0]["role"] == "system")
     assert [m["role"] for m in instruction] == ["user", "assistant"]
     assert [m["role"] for m in chat] == ["system", "user", "assistant"]
     for messages in (instruction, chat):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.config import describe_validation_error, read_yaml
@@ -112,3 +114,19 @@ def load_train_config(path: Path) -> TrainConfig:
         if not spec.path.is_file():
             raise UserError(f"{path}: datasets: file not found: {spec.path}")
     return config
+
+
+def stage_train_config(path: Path, train: TrainConfig, stage_dir: Path) -> Path:
+    """Copies the train YAML and its datasets into `stage_dir` (a job's upload), dataset paths
+    rewritten relative to the YAML; returns the staged YAML. The user's own keys are kept as
+    written (not every default), so the job validates the same input."""
+    data = read_yaml(path)
+    for i, (raw, spec) in enumerate(zip(data["datasets"], train.datasets)):
+        # One folder per entry keeps the file name (errors name the user's file) without clashes.
+        target = stage_dir / "datasets" / str(i) / spec.path.name
+        target.parent.mkdir(parents=True)
+        shutil.copy2(spec.path, target)
+        raw["path"] = target.relative_to(stage_dir).as_posix()
+    staged = stage_dir / Path(path).name
+    staged.write_text(yaml.safe_dump(data, sort_keys=False))
+    return staged

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cluster.runtime import PROGRESS_MARKER
 from training.config import TrainConfig
 from training.datasets import collate, read_rows, tokenize
 
@@ -51,9 +52,7 @@ class LoraFinetuneRecipe:
                                    dist_init_required=False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         self.train_examples, self.eval_examples = self._load_examples()
-        self.steps_per_epoch = math.ceil(
-            len(self.train_examples) / (self.config.batch_size * self.world_size * self.config.gradient_accumulation)
-        )
+        self.steps_per_epoch = max(1, self._micro_batches_per_epoch() // self.config.gradient_accumulation)
         self.total_steps = self.config.max_steps or self.steps_per_epoch * self.config.epochs
         self.engine = self._build_engine()
 
@@ -80,58 +79,33 @@ class LoraFinetuneRecipe:
         engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=self._deepspeed_config(),
+            config=deepspeed_config(self.config),
             lr_scheduler=self._scheduler,
         )
         return engine
 
-    def _deepspeed_config(self) -> dict:
-        c = self.config
-        zero = {"stage": c.deepspeed.zero_stage}
-        if c.deepspeed.zero_stage == 3:
-            zero["stage3_param_persistence_threshold"] = c.deepspeed.stage3_param_persistence_threshold
-        if c.deepspeed.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        return {
-            "train_micro_batch_size_per_gpu": c.batch_size,
-            "gradient_accumulation_steps": c.gradient_accumulation,
-            # torch_adam: DeepSpeed's FusedAdam would JIT-compile (~50 s) and is CUDA-only anyway.
-            "optimizer": {"type": "AdamW", "params": {
-                "lr": c.optimizer.lr, "betas": list(c.optimizer.betas),
-                "weight_decay": c.optimizer.weight_decay, "torch_adam": not c.scaling.use_gpu}},
-            "gradient_clipping": c.optimizer.grad_clip,
-            "zero_optimization": zero,
-            "bf16": {"enabled": c.precision == "bf16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-
     def _scheduler(self, optimizer):
-        import torch
+        from transformers import get_scheduler
 
-        warmup, total, kind = self.config.schedule.warmup_steps, self.total_steps, self.config.schedule.type
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1, total - warmup)
-            if kind == "linear":
-                return max(0.0, 1.0 - progress)
-            if kind == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-            return 1.0
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = self.config.schedule
+        return get_scheduler(schedule.type, optimizer, num_warmup_steps=schedule.warmup_steps,
+                             num_training_steps=self.total_steps)
 
     # -- train ------------------------------------------------------------------------------
+    def _micro_batches_per_epoch(self) -> int:
+        """The same on every worker: ranks that ran a different number of steps would wait on
+        each other's collectives forever (a remainder row is dropped for the epoch instead)."""
+        return max(1, len(self.train_examples) // self.world_size // self.config.batch_size)
+
     def _batches(self, examples, epoch: int):
         """This worker's micro-batches: a seeded shuffle per epoch, strided over workers."""
         order = list(range(len(examples)))
         random.Random(self.config.seed + epoch).shuffle(order)
         mine = order[self.rank::self.world_size]
         size = self.config.batch_size
-        for i in range(0, len(mine) - size + 1 if len(mine) >= size else 1, size):
-            yield collate([examples[j] for j in mine[i:i + size]], self.tokenizer.pad_token_id)
+        for i in range(self._micro_batches_per_epoch()):
+            yield collate([examples[j] for j in mine[i * size:(i + 1) * size] or mine[:size]],
+                          self.tokenizer.pad_token_id)
 
     def train(self) -> dict:
         c = self.config
@@ -153,10 +127,8 @@ class LoraFinetuneRecipe:
                     continue
                 step += 1
                 losses.append(float(loss.detach()))
-                if self.rank == 0 and (step % c.log_every_steps == 0 or step == self.total_steps):
-                    rate = tokens * self.world_size / (time.perf_counter() - started)
-                    print(f"[tunefetch] step {step}/{self.total_steps} loss {losses[-1]:.4f} "
-                          f"lr {self.engine.get_lr()[0]:.2e} tokens/s {rate:.0f}", flush=True)
+                if step % c.log_every_steps == 0 and step < self.total_steps:
+                    self._log_step(step, losses[-1], tokens * self.world_size / (time.perf_counter() - started))
                 if c.eval.every_steps and step % c.eval.every_steps == 0:
                     self._log_eval(step)
                 if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < self.total_steps:
@@ -166,6 +138,8 @@ class LoraFinetuneRecipe:
             if step >= self.total_steps:
                 break
         elapsed = time.perf_counter() - started
+        if self.rank == 0 and losses:  # the final step's line; its metrics go out with the adapter
+            print(f"{PROGRESS_MARKER} step {step}/{self.total_steps} loss {losses[-1]:.4f}", flush=True)
         metrics = {"train_loss": losses[-1] if losses else float("nan"), "steps": step, "resumed_from_step": start_step,
                    "train_tokens_per_s": tokens * self.world_size / elapsed, "train_seconds": elapsed,
                    "optimizer_offloaded": self._optimizer_offloaded()}
@@ -173,6 +147,17 @@ class LoraFinetuneRecipe:
         if eval_loss is not None:
             metrics["eval_loss"] = eval_loss
         return metrics
+
+    def _log_step(self, step: int, loss: float, tokens_per_s: float) -> None:
+        """Reports the step's loss to Ray Train (every rank must report) and shows it to the user
+        (rank 0's marked line reaches the CLI through Ray's log forwarding)."""
+        import ray.train
+
+        lr = self.engine.get_lr()[0]
+        ray.train.report({"step": step, "train_loss": loss, "lr": lr, "train_tokens_per_s": tokens_per_s})
+        if self.rank == 0:
+            print(f"{PROGRESS_MARKER} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+                  f"tokens/s {tokens_per_s:.0f}", flush=True)
 
     def _optimizer_offloaded(self) -> bool:
         """Whether DeepSpeed really holds the optimizer states in host memory (what it did, not
@@ -191,7 +176,7 @@ class LoraFinetuneRecipe:
                                         exclude_frozen_parameters=True)
             ray.train.report({"step": step, "train_loss": loss}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if self.rank == 0:
-            print(f"[tunefetch] checkpoint at step {step}", flush=True)
+            print(f"{PROGRESS_MARKER} checkpoint at step {step}", flush=True)
 
     def _restore(self) -> int:
         """After a worker failure Ray Train restarts the group; continue from the last checkpoint."""
@@ -205,13 +190,13 @@ class LoraFinetuneRecipe:
                 return 0  # the final adapter checkpoint of a finished run: nothing to resume
             _, state = self.engine.load_checkpoint(path, tag=_CHECKPOINT_TAG, load_module_strict=False)
         if self.rank == 0:
-            print(f"[tunefetch] resumed from step {state['step']}", flush=True)
+            print(f"{PROGRESS_MARKER} resumed from step {state['step']}", flush=True)
         return int(state["step"])
 
     def _log_eval(self, step: int) -> None:
         loss = self.evaluate()
         if loss is not None and self.rank == 0:
-            print(f"[tunefetch] step {step} eval_loss {loss:.4f}", flush=True)
+            print(f"{PROGRESS_MARKER} step {step} eval_loss {loss:.4f}", flush=True)
 
     def evaluate(self) -> float | None:
         """Mean eval loss over the held-out split, averaged across workers."""
@@ -247,3 +232,25 @@ class LoraFinetuneRecipe:
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
         dist.barrier()
+
+
+def deepspeed_config(c: TrainConfig) -> dict:
+    """The DeepSpeed config of a run: ZeRO stage and offload, precision, optimizer, batch."""
+    zero: dict = {"stage": c.deepspeed.zero_stage}
+    if c.deepspeed.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = c.deepspeed.stage3_param_persistence_threshold
+    if c.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": c.batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation,
+        # torch_adam on CPU workers: DeepSpeed's FusedAdam would JIT-compile (~50 s) and is CUDA-only.
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": c.optimizer.lr, "betas": list(c.optimizer.betas),
+            "weight_decay": c.optimizer.weight_decay, "torch_adam": not c.scaling.use_gpu}},
+        "gradient_clipping": c.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": c.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -20,7 +20,6 @@ on local disk get a copy verified against the content hash (`local_dir`).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 import shutil
@@ -32,8 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster.config import RegistryConfig, secret_value
 from cluster.errors import NotFound, UserError
+from training.local_model import ModelIdentity
 
 _REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_-]{0,62})(?:@v(?P<version>\d+))?$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -41,12 +43,46 @@ _CLAIM_ATTEMPTS = 20
 _LIST_ATTEMPTS = 10
 
 
+SCHEMA_VERSION = 2
+
+
+class DatasetLineage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    sha256: str
+    rows: int
+    paths: list[str] = []
+
+
+class TrainingLineage(BaseModel):
+    """Where an adapter came from: what a training run hands to `register`."""
+
+    model_config = ConfigDict(extra="ignore")
+    base_model: ModelIdentity
+    dataset: DatasetLineage
+    config: dict = Field(default_factory=dict, description="The run's TrainConfig, as written.")
+    metrics: dict[str, float | int | bool] = Field(default_factory=dict)
+    run_id: str
+    trace_id: str | None = None
+    created_at: float = Field(default_factory=time.time)
+
+
+class AdapterRecord(TrainingLineage):
+    """metadata.json of a version: its lineage plus identity. Files written before the schema
+    had a version read as schema 1 (same fields)."""
+
+    schema_version: int = 1
+    name: str
+    version: int
+    ref: str
+    content_hash: str
+
+
 @dataclass(frozen=True)
 class AdapterVersion:
     name: str
     version: int
     location: str  # the version's directory inside the registry's filesystem
-    metadata: dict
+    record: AdapterRecord
 
     @property
     def ref(self) -> str:
@@ -54,7 +90,7 @@ class AdapterVersion:
 
     @property
     def content_hash(self) -> str:
-        return self.metadata["content_hash"]
+        return self.record.content_hash
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -67,14 +103,22 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 def redacted(uri: str) -> str:
     """The URI without credentials, for messages and logs."""
-    return re.sub(r"(?<=://)[^/@]+@", "***@", uri)
+    uri = re.sub(r"(?<=://)[^/@]+@", "***@", uri)
+    return re.sub(r"(?<=[?&])((?:access|secret)_key|session_token)=[^&\s]*", r"\1=***", uri)
 
 
-def open_filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path, a pyarrow URI or an fsspec URI."""
+def open_filesystem(uri: str | Path, access_key: str | None = None,
+                    secret_key: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, a pyarrow URI or an fsspec URI; keys, if
+    given, are added to an s3:// URI's query (pyarrow's way to take them)."""
     uri = str(uri)
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    if access_key and uri.startswith("s3://"):
+        from urllib.parse import quote
+
+        query = f"access_key={quote(access_key, safe='')}&secret_key={quote(secret_key or '', safe='')}"
+        uri = f"{uri}{'&' if '?' in uri else '?'}{query}"
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as first:  # pyarrow.ArrowInvalid is a ValueError
@@ -88,15 +132,16 @@ def open_filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
 
 
 class AdapterRegistry:
-    def __init__(self, root: str | Path, cache_dir: Path | None = None):
+    def __init__(self, root: str | Path, cache_dir: Path | None = None, access_key: str | None = None,
+                 secret_key: str | None = None):
         self.uri = str(root)
-        self.fs, self.root = open_filesystem(root)
+        self.fs, self.root = open_filesystem(root, access_key, secret_key)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "tunefetch-adapters"
-        self._records: dict[tuple[str, int], dict] = {}  # committed versions never change
+        self._records: dict[tuple[str, int], AdapterRecord] = {}  # committed versions never change
 
     # -- writing -----------------------------------------------------------------------------
-    def register(self, name: str, adapter_dir: Path, metadata: dict) -> AdapterVersion:
+    def register(self, name: str, adapter_dir: Path, lineage: TrainingLineage) -> AdapterVersion:
         """Publishes a PEFT adapter directory as the next version of `name`."""
         parse_ref(name)
         adapter_dir = Path(adapter_dir)
@@ -105,12 +150,13 @@ class AdapterRegistry:
             raise UserError(f"{adapter_dir} is not a PEFT adapter: missing {', '.join(missing)}")
         content_hash = files_hash(adapter_dir, ADAPTER_FILES)
         version, location = self._claim(name)
-        record = {**metadata, "content_hash": content_hash, "name": name, "version": version,
-                  "ref": f"{name}@v{version}", "created_at": metadata.get("created_at") or time.time()}
+        record = AdapterRecord(**lineage.model_dump(include=set(TrainingLineage.model_fields)),
+                               schema_version=SCHEMA_VERSION, name=name, version=version, ref=f"{name}@v{version}",
+                               content_hash=content_hash)
         for file in ADAPTER_FILES:
             self._write(f"{location}/{file}", (adapter_dir / file).read_bytes())
         self._write(f"{location}/MODEL_CARD.md", model_card(record).encode())
-        self._commit(location, json.dumps(record, indent=2, sort_keys=True).encode())
+        self._commit(location, record.model_dump_json(indent=2).encode())
         return AdapterVersion(name, version, location, record)
 
     def _claim(self, name: str) -> tuple[int, str]:
@@ -192,8 +238,16 @@ class AdapterRegistry:
             raise NotFound(f"adapter {name} has no version v{version}; versions: {', '.join(f'v{v}' for v in versions)}")
         location = f"{self.root}/{name}/v{version}"
         if (name, version) not in self._records:
-            self._records[name, version] = json.loads(self.read_text(location, "metadata.json"))
+            self._records[name, version] = self._read_record(location)
         return AdapterVersion(name, version, location, self._records[name, version])
+
+    def _read_record(self, location: str) -> AdapterRecord:
+        text = self.read_text(location, "metadata.json")
+        try:
+            return AdapterRecord.model_validate_json(text)
+        except ValidationError as exc:
+            raise UserError(f"{redacted(self.uri)}: {location}/metadata.json is not an adapter record "
+                            f"({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})") from None
 
     def all(self) -> list[AdapterVersion]:
         return [self.get(f"{n}@v{v}") for n in self.names() for v in self.versions(n)]
@@ -229,9 +283,10 @@ class AdapterRegistry:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def open_registry(config) -> AdapterRegistry:
-    """The registry a `TunefetchConfig` names (`registry.uri`, default HOME/adapters)."""
-    return AdapterRegistry(config.registry.uri or config.paths.adapters, cache_dir=config.paths.adapter_cache)
+def open_registry(settings: RegistryConfig) -> AdapterRegistry:
+    """The registry a resolved registry section names (TunefetchConfig.registry_settings())."""
+    return AdapterRegistry(settings.uri, cache_dir=settings.cache_dir, access_key=secret_value(settings.access_key),
+                           secret_key=secret_value(settings.secret_key))
 
 
 def files_hash(directory: Path, files: tuple[str, ...]) -> str:
@@ -245,21 +300,19 @@ def files_hash(directory: Path, files: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def model_card(record: dict) -> str:
-    metrics = record.get("metrics", {})
-    hp = record.get("config", {})
+def model_card(record: AdapterRecord) -> str:
+    hp = record.config
     lora = hp.get("lora", {})
     lines = [
-        f"# Adapter {record['ref']}",
+        f"# Adapter {record.ref}",
         "",
-        f"LoRA adapter for base model `{record.get('base_model', {}).get('id', '?')}` "
-        f"(sha256 `{record.get('base_model', {}).get('sha256', '?')[:16]}`).",
+        f"LoRA adapter for base model `{record.base_model.id}` (sha256 `{record.base_model.sha256[:16]}`).",
         "",
         "## Lineage",
-        f"- content hash: `{record.get('content_hash', '?')}`",
-        f"- training run: `{record.get('run_id', '?')}`; trace id: `{record.get('trace_id') or '-'}`",
-        f"- dataset: {record.get('dataset', {}).get('rows', '?')} rows, sha256 `{record.get('dataset', {}).get('sha256', '?')[:16]}`",
-        f"- created: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(record.get('created_at', 0)))}",
+        f"- content hash: `{record.content_hash}`",
+        f"- training run: `{record.run_id}`; trace id: `{record.trace_id or '-'}`",
+        f"- dataset: {record.dataset.rows} rows, sha256 `{record.dataset.sha256[:16]}`",
+        f"- created: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(record.created_at))}",
         "",
         "## Training",
         f"- LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, targets {', '.join(lora.get('target_modules', []))}",
@@ -267,7 +320,7 @@ def model_card(record: dict) -> str:
         f"precision {hp.get('precision')}, lr {hp.get('optimizer', {}).get('lr')}",
         "",
         "## Metrics",
-        *[f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(metrics.items())],
+        *[f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(record.metrics.items())],
         "",
         "## Intended use and limits",
         "Behaviour and format adaptation for the datasets above. Facts that change belong in a",

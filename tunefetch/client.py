@@ -1,4 +1,5 @@
-"""A small client of the tunefetch HTTP API (used by `tunefetch query` and the demo)."""
+"""The Python client of the tunefetch HTTP API (what `tunefetch query`, the demo and
+`tunefetch eval compare` use; any OpenAI client works too)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,22 @@ from dataclasses import dataclass
 
 import httpx
 
-from cluster.errors import UserError
+from cluster.errors import NotFound, UserError
 
 
 @dataclass
 class Answer:
-    model: str
+    model: str  # exactly what answered: the base model id or NAME@vN
     text: str
     citations: list[dict]
     provenance_id: str
     trace_id: str | None
     usage: dict
+    grounded: bool | None = None  # None: no retrieval asked
+    abstained: bool = False
 
 
-class TunefetchClient:
+class Client:
     def __init__(self, url: str, timeout_s: float = 120.0, api_key: str | None = None):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
@@ -27,6 +30,9 @@ class TunefetchClient:
 
     def models(self) -> list[dict]:
         return self._call("GET", "/v1/models").json()["data"]
+
+    def base_model(self) -> str:
+        return next(m["id"] for m in self.models() if m["parent"] is None)
 
     def chat(self, question: str, model: str, kb: str | None = None, top_k: int | None = None,
              filters: dict | None = None, max_tokens: int | None = None, temperature: float = 0.0) -> Answer:
@@ -45,7 +51,12 @@ class TunefetchClient:
             provenance_id=data["provenance_id"],
             trace_id=traceparent.split("-")[1] if traceparent.count("-") == 3 else None,
             usage=data.get("usage", {}),
+            grounded=data.get("grounded"),
+            abstained=bool(data.get("abstained", False)),
         )
+
+    def close(self) -> None:
+        self.http.close()
 
     def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -57,5 +68,6 @@ class TunefetchClient:
                 message = response.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = response.text[:200]
-            raise UserError(f"server answered {response.status_code}: {message}")
+            error = NotFound if response.status_code == 404 else UserError
+            raise error(f"server answered {response.status_code}: {message}")
         return response

@@ -1,0 +1,173 @@
+"""The request path as explicit stages, shared by streaming and non-streaming requests.
+
+resolve model -> retrieve -> generate -> record. Each stage is a small object with two hooks:
+`before(answer)` runs in order before the answer exists, `after(answer)` in reverse order once
+it is complete (for a stream: after its last token, before `[DONE]`). A stage decides by
+setting fields of the `Answer` or raising an `APIError` (the request then fails with that
+status). Authentication, canary routing, caching, guards and feedback slot in as stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import replace
+
+from cluster.config import RagPolicy
+from cluster.errors import UserError
+from cluster.telemetry import inject_context, ms_since, trace_id_of, tracer
+from serving.answer import Answer
+from serving.generator import Generation
+from serving.prompts import CHAT_CONTEXT, COMPLETION_CONTEXT
+from serving.protocol import APIError
+from serving.provenance import (SCHEMA_VERSION, AdapterUsed, ChunkUsed, ProvenanceLog, ProvenanceRecord,
+                                RetrievalUsed, Usage)
+
+ABSTAIN_MESSAGE = "I could not find anything relevant to this question in the knowledge base {kb!r}."
+
+
+class Stage:
+    async def before(self, answer: Answer) -> None:
+        """Runs before the answer exists, in stage order."""
+
+    async def after(self, answer: Answer) -> None:
+        """Runs once the answer is complete, in reverse stage order."""
+
+
+class ResolveModel(Stage):
+    """`model` -> None (the base model) or an immutable adapter version (NAME: its newest)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    async def before(self, answer: Answer) -> None:
+        model = answer.request.model
+        if model == answer.base_model.id:
+            return
+        with tracer("tunefetch.gateway").start_as_current_span("resolve_model") as span:
+            try:  # a registry may be remote (S3): look it up off the event loop
+                version = await asyncio.to_thread(self.registry.get, model)
+            except UserError as exc:
+                raise APIError(404, f"model {model!r} does not exist ({exc})", code="model_not_found") from None
+            span.set_attribute("tunefetch.adapter.name", version.name)
+            span.set_attribute("tunefetch.adapter.version", version.ref)
+            span.set_attribute("tunefetch.adapter.hash", version.content_hash)
+        answer.adapter = version
+
+
+class Retrieve(Stage):
+    """The request's `retrieval`: search, keep what the relevance policy allows, put the
+    passages into the prompt with a versioned template (or abstain)."""
+
+    def __init__(self, retriever, policy: RagPolicy):
+        self.retriever = retriever
+        self.policy = policy
+
+    async def before(self, answer: Answer) -> None:
+        options = answer.request.retrieval
+        if options is None:
+            return
+        started = time.perf_counter()
+        retrieved = await self.retriever.retrieve.remote(options.kb, answer.query, options.top_k, options.filters,
+                                                         inject_context())
+        answer.retrieval_ms = ms_since(started)
+        policy = self.policy.merged(options)
+        answer.retrieved = replace(retrieved, hits=[h for h in retrieved.hits if h.score >= policy.min_score])
+        answer.span.set_attribute("tunefetch.retrieval.relevant_hits", len(answer.retrieved.hits))
+        if not answer.retrieved.hits:
+            answer.abstained = policy.no_context == "abstain"
+            answer.span.set_attribute("tunefetch.retrieval.abstained", answer.abstained)
+            return  # "answer": generated without context, and the response says grounded: false
+        texts = [hit.text for hit in answer.retrieved.hits]
+        template = CHAT_CONTEXT if answer.chat else COMPLETION_CONTEXT
+        answer.prompt = ({"messages": template.chat(answer.prompt["messages"], texts)} if answer.chat
+                         else {"text": template.completion(answer.prompt["text"], texts)})
+        answer.prompt_template = template.version
+
+
+class Generate(Stage):
+    """The generator replica for this answer: adapter requests carry NAME@vN as their Serve
+    multiplexed model id, so Serve prefers a replica that already holds that adapter."""
+
+    def __init__(self, generator, default_max_tokens: int):
+        self.generator = generator
+        self.default_max_tokens = default_max_tokens
+
+    async def before(self, answer: Answer) -> None:
+        if answer.generation is None and answer.abstained:
+            answer.generation = abstention(answer)
+        if answer.generation is not None:  # decided without the engine (abstained, or an earlier stage)
+            if answer.request.stream:
+                answer.chunks = _replay(answer.generation)
+            return
+        handle = self.generator.options(stream=answer.request.stream,
+                                        multiplexed_model_id=answer.adapter.ref if answer.adapter else "")
+        params = sampling_params(answer.request, self.default_max_tokens)
+        if answer.request.stream:
+            answer.chunks = handle.generate_stream.remote(answer.prompt, params, inject_context())
+        else:
+            answer.generation = await handle.generate.remote(answer.prompt, params, inject_context())
+
+    async def after(self, answer: Answer) -> None:
+        answer.span.set_attribute("tunefetch.adapter.version", answer.adapter.ref if answer.adapter else "")
+        answer.span.set_attribute("gen_ai.usage.input_tokens", answer.generation.prompt_tokens)
+        answer.span.set_attribute("gen_ai.usage.output_tokens", answer.generation.completion_tokens)
+
+
+class Record(Stage):
+    """The provenance record, fsynced before the response goes out (off the event loop, so
+    other requests go on)."""
+
+    def __init__(self, log: ProvenanceLog):
+        self.log = log
+
+    async def after(self, answer: Answer) -> None:
+        await asyncio.to_thread(self.log.append, provenance_record(answer))
+
+
+def provenance_record(answer: Answer) -> ProvenanceRecord:
+    adapter, retrieved, generation = answer.adapter, answer.retrieved, answer.generation
+    return ProvenanceRecord(
+        schema_version=SCHEMA_VERSION,
+        provenance_id=answer.provenance_id,
+        request_id=answer.provenance_id.removeprefix("prov-"),
+        trace_id=trace_id_of(answer.span),
+        time=time.time(),
+        latency_ms=ms_since(answer.started),
+        retrieval_ms=answer.retrieval_ms,
+        generation_ms=generation.elapsed_ms,
+        requested_model=answer.request.model,
+        stream=answer.request.stream,
+        base_model=answer.base_model,
+        adapter=AdapterUsed(ref=adapter.ref, content_hash=adapter.content_hash,
+                            run_id=adapter.record.run_id) if adapter else None,
+        generator_replica=generation.replica,
+        retrieval=None if retrieved is None else RetrievalUsed(
+            kb=retrieved.kb, collection=retrieved.collection, kb_version=retrieved.kb_version,
+            chunks=[ChunkUsed(chunk_id=h.chunk_id, doc_id=h.doc_id, kb_version=h.kb_version, score=round(h.score, 6))
+                    for h in retrieved.hits]),
+        prompt_template=answer.prompt_template,
+        abstained=answer.abstained,
+        output_hash=hashlib.sha256("\x1e".join(generation.texts).encode()).hexdigest(),
+        usage=Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
+    )
+
+
+def abstention(answer: Answer) -> Generation:
+    """The fixed answer when nothing relevant was retrieved and the policy is to abstain."""
+    text = ABSTAIN_MESSAGE.format(kb=answer.request.retrieval.kb)
+    return Generation([text] * answer.n, ["stop"] * answer.n, 0, 0)
+
+
+async def _replay(generation: Generation):
+    """A known generation in the generator's stream item shape."""
+    for i, text in enumerate(generation.texts):
+        yield {"index": i, "text": text, "finish_reason": generation.finish_reasons[i]}
+    yield {"usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens}}
+
+
+def sampling_params(request, default_max_tokens: int) -> dict:
+    return {"max_tokens": request.max_tokens or default_max_tokens, "min_tokens": request.min_tokens,
+            "temperature": request.temperature, "top_p": request.top_p, "stop": request.stop, "seed": request.seed,
+            "n": request.n}

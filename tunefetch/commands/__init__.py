@@ -1,0 +1,1 @@
+"""One module per group of `tunefetch` verbs: each adds its parsers and handlers."""

@@ -1,0 +1,72 @@
+"""Provenance: `provenance list|show`, the lineage of answers."""
+
+from __future__ import annotations
+
+import time
+from argparse import Namespace
+
+from cluster.config import TunefetchConfig
+from cluster.errors import UserError
+from tunefetch.console import Console
+
+
+def add_parsers(sub, command) -> None:
+    p = command(sub, "provenance", "lineage records of answers")
+    pv = p.add_subparsers(dest="provenance_command", required=True, metavar="ACTION")
+    p = command(pv, "list", "recent records, newest first (the id first on each line)")
+    p.add_argument("--limit", type=int, default=20, help="records to show (default: 20)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=provenance_list)
+    p = command(pv, "show", "one record: adapter -> training run -> dataset; chunks -> sources")
+    p.add_argument("id", help="a provenance id (prov-...), as answers carry it")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(handler=provenance_show)
+
+
+def provenance_list(args: Namespace, config: TunefetchConfig, console: Console) -> int:
+    from serving.provenance import ProvenanceLog
+
+    if args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    records = ProvenanceLog(config.paths.provenance).recent(args.limit)
+    if args.json:
+        console.json([r.model_dump(mode="json") for r in records])
+        return 0
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
+        kb = r.retrieval.collection if r.retrieval else "-"
+        console.result(f"{r.provenance_id}\t{when}\t{r.answered_by}\t{kb}")
+    return 0
+
+
+def provenance_show(args: Namespace, config: TunefetchConfig, console: Console) -> int:
+    from serving.provenance import ProvenanceLog
+
+    record = ProvenanceLog(config.paths.provenance).get(args.id)
+    if args.json:
+        console.json(record.model_dump(mode="json"))
+        return 0
+    _show_lineage(record, config, console)
+    return 0
+
+
+def _show_lineage(record, config: TunefetchConfig, console: Console) -> None:
+    from training.registry import open_registry
+
+    say = console.result
+    say(f"provenance {record.provenance_id}  trace {record.trace_id}")
+    say(f"  base model: {record.base_model.id} (sha256 {record.base_model.sha256[:16]})")
+    if record.adapter:
+        lineage = open_registry(config.registry_settings()).get(record.adapter.ref).record
+        say(f"  adapter: {record.adapter.ref} (hash {record.adapter.content_hash[:16]}) <- run {lineage.run_id}, "
+            f"dataset {lineage.dataset.rows} rows sha256 {lineage.dataset.sha256[:16]}")
+    if record.retrieval:
+        r = record.retrieval
+        say(f"  store: {r.kb} -> {r.collection} (v{r.kb_version}), template {record.prompt_template}")
+        for chunk in r.chunks:
+            say(f"    {chunk.doc_id}  chunk {chunk.chunk_id}  score {chunk.score:.3f}")
+    say(f"  output sha256 {record.output_hash[:16]}")
+    if record.latency_ms is not None:
+        parts = [f"{name} {ms:.0f} ms" for name, ms in (("retrieval", record.retrieval_ms),
+                                                          ("generation", record.generation_ms)) if ms is not None]
+        say(f"  time: {record.latency_ms:.0f} ms in the gateway" + (f" ({', '.join(parts)})" if parts else ""))
