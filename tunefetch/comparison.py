@@ -36,7 +36,7 @@ def run_comparison(args: Namespace, config: TunefetchConfig, console: Console) -
             client = Client(url)
             base = client.base_model()
             adapter = _exact_adapter(client, args.adapter)
-            console.info(f"    {url}: base {base}, adapter {adapter}, store {args.kb}@v{stores.current(args.kb)[1]}")
+            console.note(f"{url}: base {base}, adapter {adapter}, store {args.kb}@v{stores.current(args.kb)[1]}")
         setup = Setup(kb=args.kb, base=base, adapter=adapter, top_k=args.top_k)
         texts: dict[tuple[str, str], str] = {}
 
@@ -73,7 +73,7 @@ def run_comparison(args: Namespace, config: TunefetchConfig, console: Console) -
                 comparison.on_answer = update
                 results["freshness"] = freshness(
                     comparison, facts, change, rows, args.docs, _store_ops(stores, args.kb, config, console),
-                    _retrainer(adapter, config, console), progress=console.info)
+                    _retrainer(adapter, config, console), progress=console.note)
         paths = write_report(args.out, results)
     _summary(console, results, paths, time.perf_counter() - started)
     return 0
@@ -99,7 +99,7 @@ def _store_ops(stores, kb: str, config: TunefetchConfig, console: Console):
         "keep_versions": 0, "chunk_tokens": current.chunk_tokens or config.retrieval.chunk_tokens,
         "chunk_overlap": current.chunk_overlap if current.chunk_overlap is not None else config.retrieval.chunk_overlap})
     return StoreOps(
-        ingest=lambda docs: ingest([str(docs)], kb, stores, Embedder(), settings, progress=console.info).version.version,
+        ingest=lambda docs: ingest([str(docs)], kb, stores, Embedder(), settings, progress=console.note).version.version,
         rollback=lambda version: stores.rollback(kb, version),
         drop=lambda version: stores.drop_version(kb, version),
         current=lambda: stores.current(kb)[1],

@@ -40,6 +40,10 @@ class Console:
         """Progress and context for a person: stderr."""
         print(text, file=self.err, flush=True)
 
+    def note(self, text: str) -> None:
+        """A line inside the current stage (indented under its '==>' title): stderr."""
+        self.info(f"    {text}")
+
     def json(self, data) -> None:
         self.result(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -59,7 +63,7 @@ class Console:
         t0 = time.perf_counter()
         yield
         total = f", {time.perf_counter() - started:.0f} s total" if started is not None else ""
-        self.info(f"    ({time.perf_counter() - t0:.1f} s{total})")
+        self.note(f"({time.perf_counter() - t0:.1f} s{total})")
 
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
@@ -86,7 +90,7 @@ class Console:
             final = total_ is not None and done >= total_
             if final or time.monotonic() - last[0] >= 2.0:
                 last[0] = time.monotonic()
-                self.info(f"    {description}: {done}{f'/{total_}' if total_ else ''}{f'  {note}' if note else ''}")
+                self.note(f"{description}: {done}{f'/{total_}' if total_ else ''}{f'  {note}' if note else ''}")
 
         yield update
 
@@ -140,6 +144,6 @@ class Console:
             return
         text = line[at + len(PROGRESS_MARKER):].strip()
         try:
-            (self.on_marker or (lambda t: self.info(f"    {t}")))(text)
+            (self.on_marker or self.note)(text)
         except Exception:  # noqa: BLE001 - a display problem must never stop the run
             pass

@@ -36,7 +36,7 @@ def run_demo(config: TunefetchConfig, console: Console) -> int:
         if console.log_path:
             console.info(f"framework output goes to {console.log_path}")
         with console.stage("1/5 local model: a small Llama that reads passages but knows no Kestrel facts", started):
-            console.info(f"    {ensure_local_model(config, console)}")
+            console.note(str(ensure_local_model(config, console)))
         with knowledge_stores(config) as stores:
             with console.stage("2/5 ingest the sample knowledge base into Milvus", started), \
                     console.progress("chunks") as update:
@@ -44,14 +44,14 @@ def run_demo(config: TunefetchConfig, console: Console) -> int:
                                                                 "chunk_overlap": sample_domain.CHUNK_OVERLAP})
                 result = ingest([str(sample_domain.DOCS)], sample_domain.KB, stores, Embedder(), settings,
                                 on_chunks=update)
-            console.info(f"    {result.version.ref}: {result.documents} documents, {result.chunks} chunks")
+            console.note(f"{result.version.ref}: {result.documents} documents, {result.chunks} chunks")
         with console.stage("3/5 fine-tune a LoRA adapter on the Kestrel Q&A (Ray Train + DeepSpeed ZeRO-2)", started):
             adapter = run_training_job(load_train_config(sample_domain.TRAIN_CONFIG), config, console)
-            console.info(f"    registered {adapter.ref} (hash {adapter.content_hash[:12]})")
+            console.note(f"registered {adapter.ref} (hash {adapter.content_hash[:12]})")
         with ExitStack() as app:
             with console.stage("4/5 serve base model + adapters + store (Ray Serve + vLLM)", started):
                 url = app.enter_context(served_app(config))
-                console.info(f"    {url}")
+                console.note(url)
             with console.stage("5/5 ask through the HTTP API: base, rag, adapter, hybrid", started):
                 client = Client(url)
                 base = client.base_model()

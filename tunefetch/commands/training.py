@@ -64,7 +64,7 @@ def run_training_job(spec, config: TunefetchConfig, console: Console):
         with ray_runtime(config), console.progress(f"train {spec.name}") as update:
             console.on_marker = _training_progress(console, update)
             try:
-                return run_training(spec, config, progress=lambda line: console.info(f"    {line}"))
+                return run_training(spec, config, progress=console.note)
             finally:
                 console.on_marker = None
     finally:
