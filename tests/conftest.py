@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample_domain"
 TUNEFETCH = str(Path(sys.executable).parent / "tunefetch")
 KB = "kestrel"
+STARTED = time.time()  # this test session's start: its Ray sessions are newer
 # Set in the session server's environment as credentials it holds but never needs to show.
 SECRET = "tf-secret-5c1d7e0a"
 SECRET_ENV = {"TUNEFETCH_REGISTRY__ACCESS_KEY": SECRET, "TUNEFETCH_REGISTRY__SECRET_KEY": SECRET,

@@ -73,3 +73,23 @@ def test_windows_keep_whole_sentences_when_they_fit(tokenizer):
         assert body.endswith(".") and body[0].isupper(), body  # starts and ends on sentence boundaries
     for sentence in sentences:
         assert any(sentence in chunk.text for chunk in chunks), sentence
+
+
+def test_sections_follow_commonmark_headings_not_hash_lines_in_code():
+    from retrieval.chunking import sections
+
+    text = ("# Guide\nIntro.\n\nSetup\n-----\nRun this:\n\n```bash\n# not a heading\nmake demo\n```\n\n"
+            "## Flags\n- item\n\n    # indented code, not a heading\n")
+    found = sections(text)
+    assert [path for path, _ in found] == ["Guide", "Guide > Setup", "Guide > Flags"]  # setext "-----" is h2
+    assert "# not a heading" in found[1][1] and "# indented code" in found[2][1]
+
+
+def test_windows_do_not_end_a_sentence_inside_an_abbreviation(tokenizer):
+    text = ("The reporting deadline for a suspected security incident is 1 hour. Send an email to the "
+            "security team or call the internal security hotline at ext. 4477, which is staffed around "
+            "the clock. Do not investigate on your own, e.g. by deleting suspicious messages or powering "
+            "off an affected machine, unless the security team asks you to do so.")
+    chunks = chunk_document(doc(text), tokenizer, max_tokens=40, overlap=0)
+    assert any("hotline at ext. 4477" in c.text for c in chunks), [c.text for c in chunks]
+    assert any("e.g. by deleting" in c.text for c in chunks)

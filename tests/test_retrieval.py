@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from conftest import KB, SAMPLE
 
 
@@ -21,11 +19,6 @@ def top_doc_ids(cli, text: str, *extra: str) -> list[str]:
 
 def test_ingest_prints_the_new_version(ingested):
     assert ingested.startswith(f"{KB}@v")
-
-
-@pytest.mark.parametrize("q", questions()[:8], ids=lambda q: q["id"])
-def test_search_finds_the_answering_document(cli, ingested, q):
-    assert set(q["doc_ids"]) & set(top_doc_ids(cli, q["question"]))
 
 
 def test_search_shows_each_passage_under_its_hit_and_json_gives_the_record(cli, ingested):
@@ -65,8 +58,11 @@ def test_eval_retrieval_reports_beir_metrics(cli, ingested, tmp_path):
         assert metric in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n_queries"] == len(questions()) and report["kb"] == KB
-    # the bundled questions each name the one document that answers them
-    assert report["metrics"]["recall@10"] >= 0.9 and 0 < report["metrics"]["ndcg@10"] <= 1
+    # The bundled questions each name the one document that answers them. With the suite's
+    # 48-token sentence windows, 23 of 24 have it in the top 3 (the security-hotline question
+    # ranks other "hotline" passages first) and all 24 in the top 10.
+    assert report["metrics"]["recall@3"] >= 0.95 and report["metrics"]["recall@10"] == 1.0
+    assert 0.9 <= report["metrics"]["ndcg@10"] <= 1
     assert report["metrics"]["recall@1"] <= report["metrics"]["recall@10"]
 
 
