@@ -45,8 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    def command(parent, name: str, help: str, **kwargs):
-        return parent.add_parser(name, help=help, description=help, parents=[common], **kwargs)
+    def command(parent, name: str, help: str, handler=None, json: str | None = None):
+        """A (sub)command with the common flags; `json` is the help of its --json flag."""
+        p = parent.add_parser(name, help=help, description=help, parents=[common])
+        if json:
+            p.add_argument("--json", action="store_true", help=json)
+        if handler:
+            p.set_defaults(handler=handler)
+        return p
 
     for module in _COMMAND_MODULES:
         module.add_parsers(sub, command)

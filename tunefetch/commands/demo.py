@@ -10,9 +10,8 @@ from tunefetch.console import Console
 
 
 def add_parsers(sub, command) -> None:
-    p = command(sub, "demo", "build, ingest, train, serve and query the sample domain end to end")
+    p = command(sub, "demo", "build, ingest, train, serve and query the sample domain end to end", handler=demo)
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: serving.port)")
-    p.set_defaults(handler=demo)
 
 
 def demo(args: Namespace, config: TunefetchConfig, console: Console) -> int:

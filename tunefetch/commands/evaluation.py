@@ -14,15 +14,15 @@ from tunefetch.console import Console
 def add_parsers(sub, command) -> None:
     p = command(sub, "eval", "evaluations")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="KIND")
-    p = command(ev, "retrieval", "recall@k, MRR and nDCG@10 of a store against qrels")
+    p = command(ev, "retrieval", "recall@k, MRR and nDCG@10 of a store against qrels", handler=eval_retrieval)
     p.add_argument("--kb", required=True, help="knowledge store name")
     p.add_argument("--qrels", required=True, type=Path,
                    help="JSONL {id, question, doc_ids} or a BEIR folder / qrels .tsv")
     p.add_argument("--k", type=int, action="append", default=None, help="a cut-off (repeatable; default: 1 3 5 10)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    p.set_defaults(handler=eval_retrieval)
 
-    p = command(ev, "compare", "base vs RAG vs fine-tuned vs hybrid on held-out questions, and freshness")
+    p = command(ev, "compare", "base vs RAG vs fine-tuned vs hybrid on held-out questions, and freshness",
+                handler=eval_compare)
     p.add_argument("--kb", default=sample_domain.KB, help=f"knowledge store (default: {sample_domain.KB})")
     p.add_argument("--adapter", default=sample_domain.ADAPTER,
                    help=f"adapter NAME (its newest version) or NAME@vN (default: {sample_domain.ADAPTER})")
@@ -36,7 +36,6 @@ def add_parsers(sub, command) -> None:
     p.add_argument("--top-k", type=int, default=sample_domain.TOP_K,
                    help=f"passages per RAG request (default: {sample_domain.TOP_K}, what the bundled small model "
                         "reads well; 3-5 for a real model)")
-    p.set_defaults(handler=eval_compare)
 
 
 def eval_retrieval(args: Namespace, config: TunefetchConfig, console: Console) -> int:

@@ -13,14 +13,12 @@ from tunefetch.console import Console
 def add_parsers(sub, command) -> None:
     p = command(sub, "provenance", "lineage records of answers")
     pv = p.add_subparsers(dest="provenance_command", required=True, metavar="ACTION")
-    p = command(pv, "list", "recent records, newest first (the id first on each line)")
+    p = command(pv, "list", "recent records, newest first (the id first on each line)",
+                handler=provenance_list, json="print JSON")
     p.add_argument("--limit", type=int, default=20, help="records to show (default: 20)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=provenance_list)
-    p = command(pv, "show", "one record: adapter -> training run -> dataset; chunks -> sources")
+    p = command(pv, "show", "one record: adapter -> training run -> dataset; chunks -> sources",
+                handler=provenance_show, json="print the record as JSON")
     p.add_argument("id", help="a provenance id (prov-...), as answers carry it")
-    p.add_argument("--json", action="store_true", help="print the record as JSON")
-    p.set_defaults(handler=provenance_show)
 
 
 def provenance_list(args: Namespace, config: TunefetchConfig, console: Console) -> int:

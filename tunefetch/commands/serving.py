@@ -11,13 +11,13 @@ from tunefetch.console import Console
 
 
 def add_parsers(sub, command) -> None:
-    p = command(sub, "serve", "run the Ray Serve application in the foreground")
+    p = command(sub, "serve", "run the Ray Serve application in the foreground", handler=serve)
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: serving.port)")
     p.add_argument("--print-serve-config", action="store_true",
                    help="print the Serve config (YAML) a KubeRay RayService deploys, without secrets, and exit")
-    p.set_defaults(handler=serve)
 
-    p = command(sub, "query", "ask a running server; prints the answer, citations, provenance and trace ids")
+    p = command(sub, "query", "ask a running server; prints the answer, citations, provenance and trace ids",
+                handler=query)
     p.add_argument("question", help="the user message")
     p.add_argument("--model", default=None, help="base model id, adapter NAME or NAME@vN (default: base)")
     p.add_argument("--kb", default=None, help="retrieve from this knowledge store")
@@ -26,7 +26,6 @@ def add_parsers(sub, command) -> None:
                    help="retrieval filter (repeatable)")
     p.add_argument("--max-tokens", type=int, default=None, help="answer length limit (default: serving.default_max_tokens)")
     p.add_argument("--url", default=None, help="server URL (default: from serving.host/port)")
-    p.set_defaults(handler=query)
 
 
 def with_port(config: TunefetchConfig, port: int | None) -> TunefetchConfig:

@@ -13,7 +13,8 @@ from tunefetch.stack import knowledge_stores
 
 
 def add_parsers(sub, command) -> None:
-    p = command(sub, "ingest", "write a new version of a knowledge store from files, directories or globs")
+    p = command(sub, "ingest", "write a new version of a knowledge store from files, directories or globs",
+                handler=ingest)
     p.add_argument("paths", nargs="+", help="markdown, text, HTML, PDF or JSONL files, directories or globs")
     p.add_argument("--kb", required=True, help="knowledge store name")
     p.add_argument("--full", action="store_true", help="re-embed every chunk (default: reuse unchanged ones)")
@@ -24,30 +25,23 @@ def add_parsers(sub, command) -> None:
     p.add_argument("--text-field", default="text", help="JSONL: field holding the text")
     p.add_argument("--id-field", default="id", help="JSONL: field holding the record id (default: line number)")
     p.add_argument("--metadata-field", action="append", default=[], help="JSONL: a field kept as metadata (repeatable)")
-    p.set_defaults(handler=ingest)
 
     p = command(sub, "kb", "inspect and roll back knowledge stores")
     kb = p.add_subparsers(dest="kb_command", required=True, metavar="ACTION")
-    p = command(kb, "list", "stores and their current versions")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=kb_list)
-    p = command(kb, "versions", "versions of one store")
+    p = command(kb, "list", "stores and their current versions", handler=kb_list, json="print JSON")
+    p = command(kb, "versions", "versions of one store", handler=kb_versions, json="print JSON")
     p.add_argument("name", help="knowledge store name")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=kb_versions)
-    p = command(kb, "rollback", "point a store back at an older version")
+    p = command(kb, "rollback", "point a store back at an older version", handler=kb_rollback)
     p.add_argument("name", help="knowledge store name")
     p.add_argument("--to", default=None, help="version (vN); default: the one before the current")
-    p.set_defaults(handler=kb_rollback)
 
-    p = command(sub, "search", "retrieval only: the top passages of a store")
+    p = command(sub, "search", "retrieval only: the top passages of a store",
+                handler=search, json="print the full hits as JSON")
     p.add_argument("text", help="the query")
     p.add_argument("--kb", required=True, help="knowledge store name")
     p.add_argument("--top-k", type=int, default=None, help="hits to return (default: retrieval.top_k)")
     p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
                    help="filter on doc_id, section, source, kb_version or ingested_at (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the full hits as JSON")
-    p.set_defaults(handler=search)
 
 
 def version_arg(value: str | None) -> int | None:

@@ -14,27 +14,23 @@ _STEP = re.compile(r"^step (\d+)/(\d+) (.*)$")
 
 
 def add_parsers(sub, command) -> None:
-    p = command(sub, "train", "LoRA fine-tune from a train YAML and register the adapter (prints NAME@vN)")
+    p = command(sub, "train", "LoRA fine-tune from a train YAML and register the adapter (prints NAME@vN)",
+                handler=train)
     p.add_argument("train_config", type=Path, help="train YAML (see examples/train.yaml)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, else a local Ray)")
-    p.set_defaults(handler=train)
 
     p = command(sub, "submit", "submit a job to a remote Ray cluster (Ray Jobs API) and stream its logs")
     sj = p.add_subparsers(dest="submit_command", required=True, metavar="JOB")
-    p = command(sj, "train", "a training run: `tunefetch train CONFIG` on the cluster")
+    p = command(sj, "train", "a training run: `tunefetch train CONFIG` on the cluster", handler=submit_train)
     p.add_argument("train_config", type=Path, help="train YAML; it and its datasets are uploaded with the job")
     p.add_argument("--address", required=True, help="Ray job server, e.g. http://127.0.0.1:8265")
-    p.set_defaults(handler=submit_train)
 
     p = command(sub, "adapters", "the adapter registry")
     ad = p.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
-    p = command(ad, "list", "every adapter version")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=adapters_list)
-    p = command(ad, "show", "one version's record and model card")
+    p = command(ad, "list", "every adapter version", handler=adapters_list, json="print JSON")
+    p = command(ad, "show", "one version's record and model card",
+                handler=adapters_show, json="print the record as JSON")
     p.add_argument("ref", help="NAME (its newest version) or NAME@vN")
-    p.add_argument("--json", action="store_true", help="print the record as JSON")
-    p.set_defaults(handler=adapters_show)
 
 
 def train(args: Namespace, config: TunefetchConfig, console: Console) -> int:
