@@ -71,7 +71,7 @@ def test_jsonl_records_become_documents_with_custom_fields(cli, tmp_path):
     data.write_text('{"key": "f1", "body": "Kestrel badges are renewed every 18 months.", "team": "security"}\n'
                     '{"key": "f2", "body": "Cafeteria opens at 7:30.", "team": "facilities"}\n'
                     'not json\n')
-    out = cli("ingest", str(data), "--kb", "faq", "--text-field", "body", "--id-field", "key").stdout
-    assert "faq.jsonl:3" in out and out.strip().endswith("faq@v1")
+    proc = cli("ingest", str(data), "--kb", "faq", "--text-field", "body", "--id-field", "key")
+    assert "faq.jsonl:3" in proc.stderr and proc.stdout == "faq@v1\n"  # the bad line reported, the result alone
     hits = cli("search", "How often are badges renewed?", "--kb", "faq", "--top-k", "1").stdout
     assert "faq/f1" in hits

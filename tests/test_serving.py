@@ -45,7 +45,7 @@ def test_chat_without_retrieval(server):
     body = response.json()
     assert body["model"] == BASE and body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
-    assert body["usage"]["completion_tokens"] == 16 and body["usage"]["prompt_tokens"] > 0
+    assert 0 < body["usage"]["completion_tokens"] <= 16 and body["usage"]["prompt_tokens"] > 0
     assert "citations" not in body and body["provenance_id"].startswith("prov-")
     assert response.headers["traceparent"].startswith("00-")
 

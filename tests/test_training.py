@@ -14,7 +14,7 @@ def test_train_registers_an_immutable_version(cli, adapter, home):
     assert adapter == "support@v1"
     listing = cli("adapters", "list").stdout
     assert "support@v1" in listing and "tiny-llama" in listing
-    record = json.loads(cli("adapters", "show", "support@v1").stdout.split("\n\n# Adapter")[0])
+    record = json.loads(cli("adapters", "show", "support@v1", "--json").stdout)
     assert record["dataset"]["rows"] == len((SAMPLE / "adapter_qa.jsonl").read_text().splitlines())
     assert record["base_model"]["id"] == "tiny-llama" and len(record["base_model"]["sha256"]) == 64
     assert record["config"]["deepspeed"]["zero_stage"] == 2

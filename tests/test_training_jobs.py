@@ -51,7 +51,7 @@ def test_zero3_and_cpu_offload_save_the_same_adapter_as_zero2(cli, home, local_m
     offload = cli("train", train_config(tmp_path, "zero-two-offload", max_steps=4,
                                         deepspeed={"zero_stage": 2, "offload_optimizer": True})
                   ).stdout.strip().splitlines()[-1]
-    offloaded = {ref: json.loads(cli("adapters", "show", ref).stdout.split("\n\n# Adapter")[0])["metrics"]
+    offloaded = {ref: json.loads(cli("adapters", "show", ref, "--json").stdout)["metrics"]
                  ["optimizer_offloaded"] for ref in (z2, offload)}
     assert offloaded == {z2: False, offload: True}
     w2, w3 = adapter_weights(home, z2), adapter_weights(home, z3)
@@ -76,7 +76,8 @@ def _train_workers() -> list[int]:
 
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(cli, home, local_model, tmp_path):
     config = train_config(tmp_path, "resilient", max_steps=16, checkpoint_every_steps=4, max_failures=1)
-    proc = subprocess.Popen([TUNEFETCH, "train", config, "--home", str(home)], cwd=ROOT, text=True,
+    # --verbose: the workers' own lines (checkpoint, resume, every step), not the progress bar
+    proc = subprocess.Popen([TUNEFETCH, "train", config, "--home", str(home), "--verbose"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines, killed = [], None
     for line in proc.stdout:
@@ -95,7 +96,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(cl
     assert resumed in (4, 8), after[:200]
     assert "step 1/16" not in after and f"step {resumed + 1}/16" in after  # the step count continues
     ref = log.strip().splitlines()[-1]
-    record = json.loads(cli("adapters", "show", ref).stdout.split("\n\n# Adapter")[0])
+    record = json.loads(cli("adapters", "show", ref, "--json").stdout)
     assert record["metrics"]["steps"] == 16 and record["metrics"]["resumed_from_step"] == resumed
 
 

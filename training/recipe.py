@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cluster.runtime import PROGRESS_MARKER
 from training.config import TrainConfig
-from training.datasets import collate, read_rows, tokenize
+from training.datasets import IGNORE_INDEX, collate, read_rows, tokenize
 
 _CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's sub-directory inside each Ray checkpoint
 
@@ -58,7 +58,15 @@ class LoraFinetuneRecipe:
 
     def _load_examples(self):
         rows = [r for spec in self.config.datasets for r in read_rows(spec.path, spec.format)]
-        examples = [tokenize(r, self.tokenizer, self.config.max_seq_length) for r in rows]
+        tokenized = [tokenize(r, self.tokenizer, self.config.max_seq_length) for r in rows]
+        # A row whose answer starts past max_seq_length has nothing to learn from; its loss would
+        # be NaN and poison the run's metrics, so it is left out, and the run says how many.
+        examples = [e for e in tokenized if any(label != IGNORE_INDEX for label in e.labels)]
+        if not examples:
+            raise ValueError(f"every answer starts after max_seq_length {self.config.max_seq_length}: raise it")
+        if len(examples) < len(tokenized) and self.rank == 0:
+            print(f"{PROGRESS_MARKER} {len(tokenized) - len(examples)} of {len(tokenized)} rows left out: their "
+                  f"answer starts after max_seq_length {self.config.max_seq_length}", flush=True)
         random.Random(self.config.seed).shuffle(examples)  # same split on every worker
         n_eval = int(len(examples) * self.config.eval.split)
         return examples[n_eval:], examples[:n_eval]
@@ -207,10 +215,16 @@ class LoraFinetuneRecipe:
             return None
         self.engine.eval()
         total = torch.zeros(2)
+        n = len(self.eval_examples)
         with torch.no_grad():
-            for i in range(self.rank, len(self.eval_examples), self.world_size):
-                batch = collate([self.eval_examples[i]], self.tokenizer.pad_token_id)
-                total += torch.tensor([float(self.engine(**batch).loss), 1.0])
+            # The same number of forward passes on every rank: under ZeRO-3 each one gathers
+            # parameters from all ranks, so a rank with one more example would wait forever.
+            # Ranks past the end repeat example 0 and do not count it.
+            for i in range(self.rank, math.ceil(n / self.world_size) * self.world_size, self.world_size):
+                batch = collate([self.eval_examples[i if i < n else 0]], self.tokenizer.pad_token_id)
+                loss = float(self.engine(**batch).loss)
+                if i < n:
+                    total += torch.tensor([loss, 1.0])
         dist.all_reduce(total)
         self.engine.train()
         return float(total[0] / total[1])
