@@ -152,6 +152,44 @@ class RegistryConfig(_Section):
     cache_dir: Path | None = Field(None, description="Local copies of remote versions; empty uses HOME/cache/adapters.")
 
 
+class CanaryPolicy(_Section):
+    """How a canary between two versions of one adapter is judged and advanced."""
+
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Bound on the chance of rolling back a candidate as good as "
+                                                          "stable (always-valid sequential test, all metrics together).")
+    min_samples: int = Field(20, ge=5, description="Answers per arm before any decision.")
+    promote_after: int = Field(200, ge=10, description="Canary answers without harm that pass a step.")
+    steps: list[float] = Field(default_factory=list, description="Weights to move through after each passed step "
+                                                                 "(e.g. [0.1, 0.5]); after the last: promote.")
+    latency_margin: float = Field(0.25, ge=0, description="Relative latency increase tolerated before it counts as harm.")
+    effect_size: float = Field(0.1, gt=0, le=1, description="Scale of the differences the test is tuned to find "
+                                                            "(mixture width of the sequential test).")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < w < 1 for w in steps) or steps != sorted(set(steps)):
+            raise ValueError("steps must be increasing weights between 0 and 1")
+        return steps
+
+
+class GovernanceConfig(_Section):
+    require_approval: bool = Field(False, description="Serving a version as stable, and promoting a canary, need "
+                                                      "a valid approval record.")
+    approval_requires_eval: bool = Field(False, description="`approve` needs --eval DIR whose report covers the "
+                                                            "version and passes the thresholds.")
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"ft.exact_match": 0.5},
+        description="Minimums an eval report must reach, as MODE.METRIC of results.json (e.g. hybrid.f1).")
+    approval_ttl_days: float = Field(90, gt=0, description="Approvals expire after this many days.")
+    policy_version: str = Field("1", description="Approvals name the policy they were granted under; changing it "
+                                                 "invalidates them.")
+    card_file: Path | None = Field(None, description="YAML with the system card fields only a person can write "
+                                                     "(owners, intended_use, limitations, ethical_considerations, "
+                                                     "contact).")
+    canary: CanaryPolicy = CanaryPolicy()
+
+
 class TunefetchConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEFETCH_", env_nested_delimiter="__", extra="forbid",
                                       validate_default=True)
@@ -162,6 +200,7 @@ class TunefetchConfig(BaseSettings):
     retrieval: RetrievalConfig = RetrievalConfig()
     registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
+    governance: GovernanceConfig = GovernanceConfig()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -172,6 +211,11 @@ class TunefetchConfig(BaseSettings):
     @property
     def paths(self) -> "HomePaths":
         return HomePaths(self.home)
+
+    @property
+    def base_model_dir(self) -> Path:
+        """The served base model: serving.engine.model, else the home's local model."""
+        return Path(self.serving.engine.model or self.paths.local_model)
 
     def registry_settings(self) -> RegistryConfig:
         """The registry section with the home's defaults filled in (what a deployment needs)."""
@@ -220,6 +264,15 @@ class HomePaths:
     @property
     def logs(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def releases(self) -> Path:
+        """Per adapter name: the stable version, the canary and every decision."""
+        return self.home / "releases"
+
+    @property
+    def approvals(self) -> Path:
+        return self.home / "approvals"
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> TunefetchConfig:

@@ -4,6 +4,7 @@ and its OpenAI response shapes (a whole body, or SSE chunks)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -12,6 +13,8 @@ from serving.protocol import Citation, completion_id, now
 from serving.provenance import new_provenance_id
 from training.local_model import ModelIdentity
 from training.registry import AdapterVersion
+
+_MARKER = re.compile(r"\[(\d+)\]")
 
 
 @dataclass
@@ -30,6 +33,12 @@ class Answer:
     retrieval_ms: float | None = None  # the retrieval call, as the gateway saw it
     generation: Generation | None = None  # set once known (a stream: after its last token)
     chunks: AsyncIterator[dict] | None = None  # a stream's generator items, while streaming
+    caller: str = ""  # the sticky key: the request's `user`, else its API key, else the client address
+    arm: str = "none"  # canary arm: stable | canary | none
+    canary_id: str | None = None  # the canary this answer counts towards
+    shadow: str | None = None  # a shadow candidate (NAME@vN) that answers a copy after this answer
+    approval_id: str | None = None  # the approval behind the version that answered
+    card_hash: str | None = None  # the system card in force
     provenance_id: str = field(default_factory=new_provenance_id)
     id: str = ""
     created: int = field(default_factory=now)
@@ -50,6 +59,13 @@ class Answer:
     def include_usage(self) -> bool:
         options = self.request.stream_options
         return bool(options and options.include_usage)
+
+    def cited(self) -> bool | None:
+        """A retrieval answer names at least one of its passages ([1], [2] ...); None otherwise."""
+        if self.retrieved is None or not self.retrieved.hits or self.generation is None:
+            return None
+        numbers = {int(n) for text in self.generation.texts for n in _MARKER.findall(text)}
+        return any(1 <= n <= len(self.retrieved.hits) for n in numbers)
 
     def citations(self) -> list[dict] | None:
         if self.retrieved is None:

@@ -33,12 +33,14 @@ def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
         serving.engine, serving.generator, registry, telemetry, str(model_path), base_model.id)
     retriever = Retriever.options(**deployment_options(serving.retriever)).bind(
         milvus, config.retrieval.top_k, telemetry)
+    paths = config.paths
+    home = {"provenance": str(paths.provenance), "releases": str(paths.releases), "approvals": str(paths.approvals)}
     return Gateway.options(**deployment_options(serving.gateway)).bind(
-        serving, registry, telemetry, str(config.paths.provenance), base_model, retriever, generator)
+        serving, registry, telemetry, config.governance, home, base_model, retriever, generator)
 
 
 def base_model_path(config: TunefetchConfig) -> Path:
-    path = Path(config.serving.engine.model or config.paths.local_model)
+    path = config.base_model_dir
     if not (path / "config.json").is_file():
         raise UserError(f"serving.engine.model: no model at {path} (run `tunefetch demo` first or set the path)")
     return path

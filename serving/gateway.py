@@ -8,6 +8,8 @@ caller's `traceparent` and returned in the response header.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 
 from fastapi import FastAPI, Request
@@ -17,16 +19,23 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from cluster.config import RegistryConfig, ServingConfig, TelemetryConfig
+from cluster.config import GovernanceConfig, RegistryConfig, ServingConfig, TelemetryConfig
+from cluster.errors import UserError
 from cluster.telemetry import extract_context, setup_tracing, traceparent_of, tracer
+from serving import card, card_facts
 from serving.answer import Answer, sse, usage
 from serving.generator import Generation
+from serving.metrics import Measure, only_series
 from serving.prompts import last_user_message
 from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, now, parse_request
 from serving.provenance import ProvenanceLog
-from serving.stages import Generate, Record, ResolveModel, Retrieve, Stage
+from serving.releases import ReleaseBook
+from serving.stages import CanaryOutcome, Generate, Record, ResolveModel, Retrieve, Shadow, Stage
+from training.approvals import ApprovalStore
 from training.local_model import ModelIdentity
 from training.registry import open_registry
+
+CARD_REFRESH_S = 10.0  # the card hash stamped on answers is at most this old (and fresh after a release change)
 
 api = FastAPI(title="tunefetch", description="OpenAI-compatible API with retrieval, citations and provenance.")
 
@@ -46,6 +55,17 @@ def _as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, (RayActorError, ActorUnavailableError, DeploymentUnavailableError)):
         return APIError(503, "the model server is unavailable: retry shortly", "server_error", code="service_unavailable")
     return APIError(500, f"internal error: {exc.__class__.__name__}", "server_error")
+
+
+def sticky_key(body, request: Request) -> str:
+    """Who the caller is, for canary assignment: the OpenAI `user` field, else (a hash of) the
+    API key, else the client address."""
+    if getattr(body, "user", None):
+        return f"user:{body.user}"
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and auth[7:].strip():
+        return "key:" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:16]
+    return f"addr:{request.client.host if request.client else 'unknown'}"
 
 
 def _trace_header(span) -> dict:
@@ -75,27 +95,138 @@ async def _primed(chunks):
     return items()
 
 
+def _ray_serve_series() -> str:
+    """Ray Serve's own series (ray_serve_*), from this node's Ray metrics agent."""
+    import httpx
+    import ray
+
+    try:
+        node = next(n for n in ray.nodes() if n.get("Alive") and n.get("NodeID") == ray.get_runtime_context().get_node_id())
+        text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=2).text
+    except Exception:  # noqa: BLE001 - no agent (yet): ours and vLLM's still answer
+        return ""
+    return only_series(text, "ray_serve_")
+
+
 # Module helpers stay above: serve.ingress captures the class (and what it references) here.
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
     def __init__(self, serving: ServingConfig, registry: RegistryConfig, telemetry: TelemetryConfig,
-                 provenance_dir: str, base_model: ModelIdentity, retriever, generator):
+                 governance: GovernanceConfig, home: dict[str, str], base_model: ModelIdentity, retriever, generator):
         setup_tracing(telemetry, "gateway")
         self.base_model = base_model
         self.registry = open_registry(registry)
+        self.releases = ReleaseBook(home["releases"], self.registry, ApprovalStore(home["approvals"], governance),
+                                    governance)
         self.max_request_bytes = serving.max_request_bytes
         self.tracer = tracer("tunefetch.gateway")
+        self.retriever, self.generator = retriever, generator
+        self.settings = (serving, telemetry, governance)
+        self.measure = Measure()
+        generate = Generate(generator, serving.default_max_tokens)
+        # `after` hooks run in reverse: record, measure, count for the canary, then the shadow copy.
+        recording: list[Stage] = [Record(ProvenanceLog(home["provenance"])), self.measure, CanaryOutcome(self.releases)]
         self.stages: list[Stage] = [
-            ResolveModel(self.registry),
+            ResolveModel(self.releases),
+            Shadow(self.releases, generate, recording),
             Retrieve(retriever, serving.rag),
-            Generate(generator, serving.default_max_tokens),
-            Record(ProvenanceLog(provenance_dir)),
+            generate,
+            *reversed(recording),
         ]
+        self.card_hash: str | None = None
+        self._card_at, self._card_changes = 0.0, ()
+        self._card_lock = asyncio.Lock()
 
     @api.get("/healthz")
     async def healthz(self):
         return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(self):
+        """tunefetch_* series, then the generator replicas' vllm:* and Ray Serve's ray_serve_*."""
+        from fastapi.responses import PlainTextResponse
+
+        parts = [self.measure.text()]
+        try:
+            parts.append(only_series(await self.generator.metrics_text.remote(), "vllm:"))
+        except Exception:  # noqa: BLE001 - the engine's series are extra; ours must always answer
+            pass
+        parts.append(await asyncio.to_thread(_ray_serve_series))
+        return PlainTextResponse("".join(parts), media_type="text/plain; version=0.0.4")
+
+    # -- governance (admin) ----------------------------------------------------------------------
+    @api.get("/v1/admin/card")
+    async def system_card(self):
+        facts = await self._card_facts()
+        return {"card_hash": card.card_hash(facts), "facts": facts}
+
+    @api.get("/v1/admin/canary")
+    async def canaries(self):
+        return {"data": [await asyncio.to_thread(self._canary_status, n) for n in self.releases.names()]}
+
+    @api.get("/v1/admin/canary/{name}")
+    async def canary(self, name: str):
+        return await asyncio.to_thread(self._canary_status, name)
+
+    @api.post("/v1/admin/canary/{name}/{action}")
+    async def canary_action(self, name: str, action: str, request: Request):
+        raw = await request.body()
+        try:
+            args = json.loads(raw) if raw.strip() else {}
+            by = str(args.get("by") or "admin-api")
+            if action == "start":
+                await asyncio.to_thread(self.releases.start, name, str(args.get("to", "")),
+                                        float(args.get("weight", 0)), by, args.get("steps"),
+                                        not args.get("manual", False), args.get("promote_after"),
+                                        bool(args.get("shadow", False)))
+            elif action == "promote":
+                await asyncio.to_thread(self.releases.promote, name, by)
+            elif action == "rollback":
+                await asyncio.to_thread(self.releases.rollback, name, by, "rolled back by hand", None, args.get("to"))
+            else:
+                raise APIError(404, f"no canary action {action!r} (start, promote, rollback)", code="not_found")
+        except (UserError, ValueError, TypeError, AttributeError) as exc:
+            raise APIError(400, str(exc), code="invalid_canary") from None
+        await self._refresh_card(force=True)
+        return await asyncio.to_thread(self._canary_status, name)
+
+    def _canary_status(self, name: str) -> dict:
+        release = self.releases.get(name)
+        verdict = self.releases.analysis(name)
+        return {**release.model_dump(mode="json"), "analysis": None if verdict is None else {
+            "action": verdict.action, "reason": verdict.reason,
+            "metrics": [c.to_json() for c in verdict.comparisons]}}
+
+    async def _card_facts(self) -> dict:
+        stores = await self.retriever.describe.remote()
+        serving, telemetry, governance = self.settings
+        return await asyncio.to_thread(card_facts.gather, self.base_model, self.releases, stores, serving,
+                                       telemetry, governance)
+
+    async def _refresh_card(self, force: bool = False) -> None:
+        """Keeps the hash of the card in force current (stamped on every answer and span): at
+        once after a release or approval changed, else at most CARD_REFRESH_S old."""
+        changes = self._governance_changes()
+        if (not force and self.card_hash and changes == self._card_changes
+                and time.monotonic() - self._card_at < CARD_REFRESH_S):
+            return
+        async with self._card_lock:
+            try:
+                self.card_hash = card.card_hash(await self._card_facts())
+                self._card_at, self._card_changes = time.monotonic(), changes
+            except Exception:  # noqa: BLE001 - a stale hash is better than no answer
+                pass
+
+    def _governance_changes(self) -> tuple:
+        """Directory mtimes that move whenever a release or an approval is written."""
+        stamps = []
+        for root in (self.releases.root, self.releases.approvals.root):
+            try:
+                stamps.append(root.stat().st_mtime_ns)
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
 
     @api.get("/v1/models")
     async def models(self):
@@ -145,7 +276,12 @@ class Gateway:
         span = self.tracer.start_span(operation, context=extract_context(dict(request.headers)))
         span.set_attribute("gen_ai.operation.name", operation)
         span.set_attribute("gen_ai.request.model", body.model)
-        answer = Answer(body, chat, prompt, query, self.base_model, span, started)
+        answer = Answer(body, chat, prompt, query, self.base_model, span, started, caller=sticky_key(body, request))
+        await self._refresh_card()
+        answer.card_hash = self.card_hash
+        span.set_attribute("gen_ai.provider.name", "vllm")
+        if self.card_hash:
+            span.set_attribute("tunefetch.card.hash", self.card_hash)
         try:
             with trace.use_span(span, end_on_exit=False):
                 for stage in self.stages:
@@ -156,6 +292,7 @@ class Gateway:
                                              headers=_trace_header(span))
                 await self._after(answer)
         except Exception as exc:  # noqa: BLE001 - every failure answers in the OpenAI shape
+            await self._failed(answer, exc)
             span.end()
             return _error_response(exc, span)
         span.end()
@@ -164,6 +301,17 @@ class Gateway:
     async def _after(self, answer: Answer) -> None:
         for stage in reversed(self.stages):
             await stage.after(answer)
+        answer.span.set_attribute("gen_ai.response.model", answer.model)
+        answer.span.set_attribute("gen_ai.response.finish_reasons",
+                                  [r or "" for r in answer.generation.finish_reasons])
+
+    async def _failed(self, answer: Answer, exc: Exception) -> None:
+        error = _as_api_error(exc)
+        for stage in self.stages:
+            try:
+                await stage.failed(answer, error)
+            except Exception:  # noqa: BLE001 - bookkeeping of a failure must not hide the failure
+                pass
 
     async def _stream(self, answer: Answer, chunks):
         """SSE in the OpenAI chunk format; the stages' `after` hooks (provenance) run before `[DONE]`."""
@@ -191,6 +339,7 @@ class Gateway:
                 yield sse(answer.chunk([], usage=usage(answer.generation)))
             yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event
+            await self._failed(answer, exc)
             yield sse(_as_api_error(exc).body())
         finally:
             answer.span.end()

@@ -102,6 +102,12 @@ class Generator:
         await self.engine.add_lora(request)
         return request
 
+    def metrics_text(self) -> str:
+        """This replica's process registry, where the engine keeps its Prometheus series (vllm:*)."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(REGISTRY).decode()
+
     async def _lora_request(self):
         """The adapter this request was routed for (its multiplexed model id), loaded."""
         ref = serve.get_multiplexed_model_id()

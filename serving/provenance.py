@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.errors import NotFound
 from training.local_model import ModelIdentity
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def new_provenance_id() -> str:
@@ -69,7 +69,9 @@ class ProvenanceRecord(_Record):
     stream: bool = False
     base_model: ModelIdentity
     adapter: AdapterUsed | None = None
-    canary_arm: str | None = None
+    canary_arm: str | None = None  # stable | canary | none
+    approval_id: str | None = None  # the approval behind the adapter version, where one is valid
+    card_hash: str | None = None  # the system card in force when it answered
     generator_replica: str | None = None
     retrieval: RetrievalUsed | None = None
     prompt_template: str | None = None

@@ -40,3 +40,17 @@ class Retriever:
                 search.set_attribute("tunefetch.kb.version", result.kb_version)
                 search.set_attribute("tunefetch.retrieval.hits", len(result.hits))
             return result
+
+    async def describe(self) -> list[dict]:
+        """The serving version of every knowledge store, for the system card."""
+        return await asyncio.to_thread(self._describe)
+
+    def _describe(self) -> list[dict]:
+        stores = []
+        for name in self.stores.names():
+            current = next(v for v in self.stores.versions(name) if v.current)
+            r = current.record
+            stores.append({"name": name, "version": r.version, "collection": current.collection, "sources": r.sources,
+                           "documents": r.documents, "chunks": r.rows, "created_at": r.created_at,
+                           "embedder": r.embedder})
+        return stores

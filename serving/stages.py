@@ -14,15 +14,19 @@ import hashlib
 import time
 from dataclasses import replace
 
+from opentelemetry import trace
+
 from cluster.config import RagPolicy
-from cluster.errors import UserError
+from cluster.errors import NotFound, UserError
 from cluster.telemetry import inject_context, ms_since, trace_id_of, tracer
 from serving.answer import Answer
+from serving.canary import CANARY, NONE, SHADOW, Outcome
 from serving.generator import Generation
 from serving.prompts import CHAT_CONTEXT, COMPLETION_CONTEXT
 from serving.protocol import APIError
 from serving.provenance import (SCHEMA_VERSION, AdapterUsed, ChunkUsed, ProvenanceLog, ProvenanceRecord,
-                                RetrievalUsed, Usage)
+                                RetrievalUsed, Usage, new_provenance_id)
+from serving.releases import ReleaseBook
 
 ABSTAIN_MESSAGE = "I could not find anything relevant to this question in the knowledge base {kb!r}."
 
@@ -34,12 +38,16 @@ class Stage:
     async def after(self, answer: Answer) -> None:
         """Runs once the answer is complete, in reverse stage order."""
 
+    async def failed(self, answer: Answer, error) -> None:
+        """Runs when the request fails (`error` is the APIError it answers with)."""
+
 
 class ResolveModel(Stage):
-    """`model` -> None (the base model) or an immutable adapter version (NAME: its newest)."""
+    """`model` -> None (the base model) or an immutable adapter version: NAME@vN exactly, or
+    NAME: its stable version, or its canary for callers the split sends there."""
 
-    def __init__(self, registry):
-        self.registry = registry
+    def __init__(self, releases: ReleaseBook):
+        self.releases = releases
 
     async def before(self, answer: Answer) -> None:
         model = answer.request.model
@@ -47,13 +55,23 @@ class ResolveModel(Stage):
             return
         with tracer("tunefetch.gateway").start_as_current_span("resolve_model") as span:
             try:  # a registry may be remote (S3): look it up off the event loop
-                version = await asyncio.to_thread(self.registry.get, model)
-            except UserError as exc:
+                route = await asyncio.to_thread(self.releases.route, model, answer.caller)
+                version = await asyncio.to_thread(self.releases.registry.get, route.ref)
+            except NotFound as exc:
                 raise APIError(404, f"model {model!r} does not exist ({exc})", code="model_not_found") from None
+            except UserError as exc:
+                raise APIError(403, str(exc), "permission_error", code="not_approved") from None
             span.set_attribute("tunefetch.adapter.name", version.name)
             span.set_attribute("tunefetch.adapter.version", version.ref)
             span.set_attribute("tunefetch.adapter.hash", version.content_hash)
-        answer.adapter = version
+            span.set_attribute("tunefetch.canary.arm", route.arm)
+            if route.approval_id:
+                span.set_attribute("tunefetch.approval.id", route.approval_id)
+        answer.adapter, answer.arm, answer.approval_id = version, route.arm, route.approval_id
+        answer.shadow = route.shadow
+        answer.span.set_attribute("tunefetch.canary.arm", route.arm)
+        if route.arm != NONE:
+            answer.canary_id = self.releases.get(version.name).canary.id
 
 
 class Retrieve(Stage):
@@ -126,6 +144,67 @@ class Record(Stage):
         await asyncio.to_thread(self.log.append, provenance_record(answer))
 
 
+class CanaryOutcome(Stage):
+    """Every answer and failure on a canary's arms goes into its outcome log, then the analysis
+    looks again (and may roll back, step or promote: the next request sees the decision)."""
+
+    def __init__(self, releases: ReleaseBook):
+        self.releases = releases
+
+    async def after(self, answer: Answer) -> None:
+        await self._record(answer, ok=True)
+
+    async def failed(self, answer: Answer, error) -> None:
+        await self._record(answer, ok=False)
+
+    async def _record(self, answer: Answer, ok: bool) -> None:
+        if answer.canary_id is None:
+            return
+        has_retrieval = answer.request.retrieval is not None
+        outcome = Outcome(arm=CANARY if answer.arm == SHADOW else answer.arm, ok=ok, latency_ms=ms_since(answer.started), time=time.time(),
+                          abstained=answer.abstained if has_retrieval and ok else None,
+                          cited=answer.cited() if ok else None, provenance_id=answer.provenance_id if ok else None)
+        name = answer.adapter.name
+        await asyncio.to_thread(self.releases.record, name, answer.canary_id, outcome)
+        decision = await asyncio.to_thread(self.releases.decide, name)
+        if decision is not None:
+            answer.span.add_event("tunefetch.canary.decision", {"action": decision.action, "reason": decision.reason})
+
+
+class Shadow(Stage):
+    """In a shadow canary the candidate answers a copy of the request once the caller's answer
+    is complete; the copy is recorded (provenance arm "shadow") and counts as the canary arm
+    in the analysis, but never reaches the caller."""
+
+    def __init__(self, releases: ReleaseBook, generate: Generate, record: list[Stage]):
+        self.releases, self.generate, self.record = releases, generate, record
+        self._tasks: set[asyncio.Task] = set()
+
+    async def after(self, answer: Answer) -> None:
+        if answer.shadow is None or answer.abstained:
+            return
+        task = asyncio.create_task(self._mirror(answer))
+        self._tasks.add(task)  # held until done: the event loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
+
+    async def _mirror(self, answer: Answer) -> None:
+        version = await asyncio.to_thread(self.releases.registry.get, answer.shadow)
+        span = tracer("tunefetch.gateway").start_span("shadow", context=trace.set_span_in_context(answer.span))
+        copy = replace(answer, adapter=version, arm=SHADOW, approval_id=None, shadow=None, generation=None,
+                       chunks=None, span=span, started=time.perf_counter(), provenance_id=new_provenance_id(),
+                       request=answer.request.model_copy(update={"stream": False}))
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                await self.generate.before(copy)
+                for stage in self.record:
+                    await stage.after(copy)
+        except Exception as exc:  # noqa: BLE001 - a failing candidate is an outcome, not the caller's error
+            for stage in self.record:
+                await stage.failed(copy, exc)
+        finally:
+            span.end()
+
+
 def provenance_record(answer: Answer) -> ProvenanceRecord:
     adapter, retrieved, generation = answer.adapter, answer.retrieved, answer.generation
     return ProvenanceRecord(
@@ -142,6 +221,9 @@ def provenance_record(answer: Answer) -> ProvenanceRecord:
         base_model=answer.base_model,
         adapter=AdapterUsed(ref=adapter.ref, content_hash=adapter.content_hash,
                             run_id=adapter.record.run_id) if adapter else None,
+        canary_arm=answer.arm,
+        approval_id=answer.approval_id,
+        card_hash=answer.card_hash,
         generator_replica=generation.replica,
         retrieval=None if retrieved is None else RetrievalUsed(
             kb=retrieved.kb, collection=retrieved.collection, kb_version=retrieved.kb_version,

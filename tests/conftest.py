@@ -43,11 +43,13 @@ class CLI:
     def __init__(self, home: Path, config: Path | None = None):
         self.home, self.config = home, config
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         argv = [TUNEFETCH, *args, "--home", str(self.home)]
         if self.config:
             argv += ["--config", str(self.config)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, **env} if env else None)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
@@ -109,10 +111,27 @@ def train_yaml(home: Path) -> Path:
     return path
 
 
+# -- tracing: one real OTLP receiver for the session (tests/otlp_collector.py, test_telemetry.py) --
+# The training run exports to it over OTLP/gRPC (standard OTEL_* variables), the session server
+# over OTLP/HTTP (tunefetch's TUNEFETCH_TELEMETRY__* settings).
+# Exporters send every span in batches, at most this many ms after it ends (the SDK's default: 5000).
+OTEL_BSP_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
+
+
 @pytest.fixture(scope="session")
-def adapter(cli: CLI, local_model: Path, train_yaml: Path) -> str:
-    """Trains support@v1 through the CLI (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2)."""
-    proc = cli("train", str(train_yaml))
+def collector():
+    from otlp_collector import OTLPCollector
+
+    with OTLPCollector() as receiver:
+        yield receiver
+# -- end of tracing --
+
+
+@pytest.fixture(scope="session")
+def adapter(cli: CLI, local_model: Path, train_yaml: Path, collector) -> str:
+    """Trains support@v1 through the CLI (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2); its
+    spans go to the session's OTLP collector over gRPC."""
+    proc = cli("train", str(train_yaml), env={**collector.otel_env("grpc"), **OTEL_BSP_ENV})
     return proc.stdout.strip().splitlines()[-1]
 
 
@@ -200,7 +219,9 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float =
 
 
 @pytest.fixture(scope="session")
-def server(cli: CLI, serve_config: Path, ingested: str, adapter: str, second_adapter: str):
-    """`tunefetch serve` in the background for the whole session; yields its base URL."""
-    with running_server(cli.home, serve_config, cli.home.parent / "serve.log", env=SECRET_ENV) as url:
+def server(cli: CLI, serve_config: Path, ingested: str, adapter: str, second_adapter: str, collector):
+    """`tunefetch serve` in the background for the whole session; yields its base URL. Its
+    spans go to the session's OTLP collector over HTTP/protobuf."""
+    env = {**SECRET_ENV, **collector.tunefetch_env("http/protobuf"), **OTEL_BSP_ENV}
+    with running_server(cli.home, serve_config, cli.home.parent / "serve.log", env=env) as url:
         yield url

@@ -4,6 +4,7 @@ the freshness test, the report files, and the store exactly as it was afterwards
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -76,3 +77,23 @@ def test_report_and_chart(compared):
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "## Freshness" in report and "| hybrid |" in report
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_approval_binds_the_report_and_breaks_when_a_byte_of_it_changes(compared, cli, tmp_path):
+    _, out, _ = compared
+    adapter = json.loads((out / "results.json").read_text())["versions"]["adapter"]
+    report = tmp_path / "report"
+    shutil.copytree(out, report)
+    approval_id = cli("approve", adapter, "--eval", str(report), "--by", "reviewer-2").stdout.strip()
+    listed = {a["approval_id"]: a for a in json.loads(cli("approvals", "list", "--json").stdout)}
+    evidence = listed[approval_id]["evidence"]
+    assert listed[approval_id]["valid"] and evidence["results"]["ft.exact_match"] >= evidence["thresholds"]["ft.exact_match"]
+    assert evidence["kb"].startswith(f"{KB}@v") and len(evidence["eval_report_sha256"]) == 64
+
+    results = report / "results.json"
+    results.write_bytes(results.read_bytes() + b" ")  # one byte more: the same JSON, other evidence
+    listed = {a["approval_id"]: a for a in json.loads(cli("approvals", "list", "--json").stdout)}
+    assert not listed[approval_id]["valid"] and listed[approval_id]["reason"] == "the eval report changed"
+
+    wrong = cli("approve", "echo@v1", "--eval", str(out), "--by", "reviewer-2", check=False)
+    assert wrong.returncode == 2 and f"evaluated {adapter}, not echo@v1" in wrong.stderr

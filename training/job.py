@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import sys
 import time
@@ -84,6 +85,7 @@ def run_training(train: TrainConfig, config: TunefetchConfig,
             config=train.model_dump(mode="json"),
             metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
             run_id=run_id,
+            author=getpass.getuser(),
             trace_id=trace_id_of(span),
         )
         with result.checkpoint.as_directory() as adapter_dir:

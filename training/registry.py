@@ -62,6 +62,7 @@ class TrainingLineage(BaseModel):
     config: dict = Field(default_factory=dict, description="The run's TrainConfig, as written.")
     metrics: dict[str, float | int | bool] = Field(default_factory=dict)
     run_id: str
+    author: str | None = Field(None, description="Who ran the training (four-eyes: never its approver).")
     trace_id: str | None = None
     created_at: float = Field(default_factory=time.time)
 

@@ -55,6 +55,10 @@ class Client:
             abstained=bool(data.get("abstained", False)),
         )
 
+    def system_card(self) -> dict:
+        """The running deployment's card facts and their hash (`GET /v1/admin/card`)."""
+        return self._call("GET", "/v1/admin/card").json()
+
     def close(self) -> None:
         self.http.close()
 

@@ -1,0 +1,69 @@
+"""Prometheus series per answered model and canary arm: what vLLM cannot label.
+
+vLLM's own metrics know the engine, not which adapter version or canary arm answered; these
+`tunefetch_*` series do (`model` is the base model id or NAME@vN, `arm` stable/canary/none).
+`GET /metrics` serves them with the generator replicas' vLLM series (`vllm:*`) and Ray
+Serve's (`ray_serve_*`) appended.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from serving.answer import Answer
+from serving.stages import Stage
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Measure(Stage):
+    """Counts every request, its latency, tokens, retrieval hits and abstentions."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        labels = ("model", "arm")
+        self.requests = Counter("tunefetch_requests", "Answered requests.", labels, registry=self.registry)
+        self.errors = Counter("tunefetch_request_errors", "Failed requests, by HTTP status.", (*labels, "status"),
+                              registry=self.registry)
+        self.latency = Histogram("tunefetch_request_latency_seconds", "Gateway latency of answered requests.",
+                                 labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("tunefetch_tokens", "Tokens, by kind (prompt, completion).", (*labels, "kind"),
+                              registry=self.registry)
+        self.hits = Counter("tunefetch_retrieval_hits", "Relevant passages retrieved.", ("kb",), registry=self.registry)
+        self.abstentions = Counter("tunefetch_abstentions", "Answers declined for lack of relevant passages.",
+                                   (*labels, "kb"), registry=self.registry)
+        self.cache_hits = Counter("tunefetch_retrieval_cache_hits", "Retrievals answered from the cache.",
+                                  ("kb",), registry=self.registry)
+
+    async def after(self, answer: Answer) -> None:
+        model, arm = answer.model, answer.arm
+        self.requests.labels(model, arm).inc()
+        self.latency.labels(model, arm).observe(_seconds_since(answer.started))
+        self.tokens.labels(model, arm, "prompt").inc(answer.generation.prompt_tokens)
+        self.tokens.labels(model, arm, "completion").inc(answer.generation.completion_tokens)
+        if answer.retrieved is not None:
+            self.hits.labels(answer.retrieved.kb).inc(len(answer.retrieved.hits))
+            if answer.abstained:
+                self.abstentions.labels(model, arm, answer.retrieved.kb).inc()
+
+    async def failed(self, answer: Answer, error) -> None:
+        self.errors.labels(answer.model, answer.arm, str(getattr(error, "status", 500))).inc()
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+def _seconds_since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def only_series(text: str, prefix: str) -> str:
+    """The lines of a Prometheus exposition about metrics named `prefix`* (with their HELP/TYPE)."""
+    keep = []
+    for line in text.splitlines():
+        name = line.split(" ", 3)[2] if line.startswith("# ") and len(line.split(" ", 3)) > 2 else line
+        if name.startswith(prefix):
+            keep.append(line)
+    return "\n".join(keep) + ("\n" if keep else "")
