@@ -101,7 +101,7 @@ def _adapters(releases: ReleaseBook) -> list[dict]:
 
 
 def _approval(releases: ReleaseBook, version) -> dict | None:
-    approval, verdict = releases.approvals.valid_for(version.ref, releases.registry.local_dir(version))
+    approval, verdict = releases.verdict(version.ref)
     if approval is None:
         return None
     e = approval.evidence

@@ -137,6 +137,7 @@ class Gateway:
         self.card_hash: str | None = None
         self._card_at, self._card_changes = 0.0, ()
         self._card_lock = asyncio.Lock()
+        self._card_task: asyncio.Task | None = None
 
     @api.get("/healthz")
     async def healthz(self):
@@ -192,6 +193,12 @@ class Gateway:
         return await asyncio.to_thread(self._canary_status, name)
 
     def _canary_status(self, name: str) -> dict:
+        try:
+            known = bool(self.releases.get(name) and self.registry.versions(name))
+        except UserError:
+            known = False
+        if not known:
+            raise APIError(404, f"unknown adapter {name!r}", code="model_not_found")
         release = self.releases.get(name)
         verdict = self.releases.analysis(name)
         return {**release.model_dump(mode="json"), "analysis": None if verdict is None else {
@@ -205,12 +212,23 @@ class Gateway:
                                        telemetry, governance)
 
     async def _refresh_card(self, force: bool = False) -> None:
-        """Keeps the hash of the card in force current (stamped on every answer and span): at
-        once after a release or approval changed, else at most CARD_REFRESH_S old."""
+        """Keeps the hash of the card in force current (stamped on every answer and span). A
+        release or approval change is waited for by the request that first sees it; a card
+        that is merely older than CARD_REFRESH_S is refreshed in the background. Requests
+        never queue behind a refresh already running."""
         changes = self._governance_changes()
-        if (not force and self.card_hash and changes == self._card_changes
-                and time.monotonic() - self._card_at < CARD_REFRESH_S):
+        changed = force or not self.card_hash or changes != self._card_changes
+        if not changed and time.monotonic() - self._card_at < CARD_REFRESH_S:
             return
+        if self._card_lock.locked() and self.card_hash:
+            return
+        if changed:
+            await self._compute_card(changes)
+        else:
+            self._card_at = time.monotonic()  # one background refresh per interval
+            self._card_task = asyncio.create_task(self._compute_card(changes))  # held: the loop keeps weak refs
+
+    async def _compute_card(self, changes: tuple) -> None:
         async with self._card_lock:
             try:
                 self.card_hash = card.card_hash(await self._card_facts())
@@ -241,8 +259,12 @@ class Gateway:
             data.append({"id": version.ref, "object": "model", "created": int(version.record.created_at),
                          "owned_by": "tunefetch", "root": version.name, "parent": base})
         for name in self.registry.names():
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "tunefetch",
-                         "root": self.registry.get(name).ref, "parent": base})
+            try:  # the version NAME answers with now (its stable one); unlisted while none may serve
+                root = self.releases.stable(name)[0]
+            except UserError:
+                continue
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "tunefetch", "root": root,
+                         "parent": base})
         return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")

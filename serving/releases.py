@@ -23,8 +23,12 @@ from pydantic import BaseModel, Field
 from cluster.config import GovernanceConfig
 from cluster.errors import NotFound, UserError
 from serving.canary import CANARY, NONE, STABLE, Outcome, Tally, analyse, assign
-from training.approvals import ApprovalStore
+from training.approvals import ApprovalStore, Verdict
 from training.registry import AdapterRegistry, parse_ref
+
+
+class NotApproved(UserError):
+    """The policy requires an approval that this version does not have (HTTP 403)."""
 
 
 class Decision(BaseModel):
@@ -65,6 +69,35 @@ class Route:
     arm: str  # stable | canary | none (exact version, or no canary)
     approval_id: str | None = None
     shadow: str | None = None  # a candidate answering a copy of the request (the caller gets `ref`'s answer)
+    canary_id: str | None = None  # the canary whose analysis this answer feeds
+
+
+class _OutcomeCursor:
+    """A canary's outcome log read incrementally into running tallies."""
+
+    def __init__(self, path: Path, policy):
+        self.path, self.offset = path, 0
+        self.tally = Tally(policy)
+        self.canary_times: list[float] = []  # when each canary-arm answer came, in log order
+
+    def read_new(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        complete = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            if line.strip():
+                outcome = Outcome.model_validate_json(line)
+                self.tally.add(outcome)
+                if outcome.arm == CANARY:
+                    self.canary_times.append(outcome.time)
+
+    def canary_answers_since(self, started: float) -> int:
+        return sum(t >= started for t in self.canary_times)
 
 
 class ReleaseBook:
@@ -74,10 +107,13 @@ class ReleaseBook:
         self.approvals = approvals
         self.policy = policy
         self._cache: dict[str, tuple[int, Release]] = {}
-        self._analysis_lock = threading.Lock()
+        self._cursors: dict[str, _OutcomeCursor] = {}  # canary id -> what its log has shown so far
+        self._analysis_lock = threading.RLock()
 
     # -- state -----------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
+        if parse_ref(name)[1] is not None:  # also refuses names that are no adapter name at all
+            raise UserError(f"{name!r}: give the adapter name, without a version")
         return self.root / f"{name}.json"
 
     def get(self, name: str) -> Release:
@@ -100,7 +136,7 @@ class ReleaseBook:
     def _editing(self, name: str):
         """The release, locked against every other writer; written back whole on success."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f"{name}.lock", "w") as lock:
+        with open(self._path(name).with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._cache.pop(name, None)
             release = self.get(name).model_copy(deep=True)
@@ -127,23 +163,28 @@ class ReleaseBook:
             approval_id = self.approval_of(f"{name}@v{version}")
             if approval_id:
                 return f"{name}@v{version}", approval_id
-        raise UserError(f"{name} has no approved version: governance.require_approval is on "
+        raise NotApproved(f"{name} has no approved version: governance.require_approval is on "
                         f"(`tunefetch approve {name}@v{versions[-1]}`)")
 
     def _required_approval(self, ref: str) -> str | None:
         approval_id = self.approval_of(ref)
         if self.policy.require_approval and not approval_id:
-            _, verdict = self._verdict(ref)
-            raise UserError(f"{ref} cannot serve as stable: {verdict.reason} (governance.require_approval)")
+            _, verdict = self.verdict(ref)
+            raise NotApproved(f"{ref} cannot serve as stable: {verdict.reason} (governance.require_approval)")
         return approval_id
 
-    def _verdict(self, ref: str):
+    def verdict(self, ref: str):
+        """`ref`'s newest approval and whether its evidence still holds (files are only
+        looked at when there is an approval to check)."""
+        approvals = [a for a in self.approvals.all() if a.ref == ref]
+        if not approvals:
+            return None, Verdict(valid=False, reason="not approved")
         version = self.registry.get(ref)
-        return self.approvals.valid_for(ref, self.registry.local_dir(version))
+        return approvals[-1], self.approvals.verify(approvals[-1], self.registry.local_dir(version))
 
     def approval_of(self, ref: str) -> str | None:
         """The id of `ref`'s valid approval, else None."""
-        approval, verdict = self._verdict(ref)
+        approval, verdict = self.verdict(ref)
         return approval.approval_id if approval and verdict.valid else None
 
     def route(self, model: str, key: str) -> Route:
@@ -151,16 +192,16 @@ class ReleaseBook:
         name, version = parse_ref(model)
         if version is not None:
             ref = self.registry.get(model).ref
-            return Route(ref, NONE, self.approval_of(ref) if self.approvals.all() else None)
+            return Route(ref, NONE, self.approval_of(ref))
         stable, approval_id = self.stable(name)
         canary = self.get(name).canary
         if canary is None:
             return Route(stable, NONE, approval_id)
         if assign(name, key, canary.weight) == STABLE:
-            return Route(stable, STABLE, approval_id)
+            return Route(stable, STABLE, approval_id, canary_id=canary.id)
         if canary.shadow:
-            return Route(stable, STABLE, approval_id, shadow=canary.candidate)
-        return Route(canary.candidate, CANARY, self.approval_of(canary.candidate) if self.approvals.all() else None)
+            return Route(stable, STABLE, approval_id, shadow=canary.candidate, canary_id=canary.id)
+        return Route(canary.candidate, CANARY, self.approval_of(canary.candidate), canary_id=canary.id)
 
     # -- operations (CLI, admin API) ---------------------------------------------------------
     def start(self, name: str, candidate: str, weight: float, by: str, steps: list[float] | None = None,
@@ -201,8 +242,8 @@ class ReleaseBook:
                 raise UserError(f"{name} has no canary to promote")
             candidate = release.canary.candidate
             if self.policy.require_approval and not self.approval_of(candidate):
-                _, verdict = self._verdict(candidate)
-                raise UserError(f"{candidate} cannot be promoted: {verdict.reason} (governance.require_approval)")
+                _, verdict = self.verdict(candidate)
+                raise NotApproved(f"{candidate} cannot be promoted: {verdict.reason} (governance.require_approval)")
             release.decisions.append(Decision(action="promote", by=by, stable=release.stable, candidate=candidate,
                                               weight=1.0, canary_id=release.canary.id, reason=reason, numbers=numbers or []))
             release.stable, release.canary = candidate, None
@@ -240,23 +281,21 @@ class ReleaseBook:
         finally:
             os.close(fd)
 
-    def outcomes(self, name: str, canary_id: str) -> list[Outcome]:
-        path = self.outcomes_path(name, canary_id)
-        if not path.is_file():
-            return []
-        return [Outcome.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
-
     def analysis(self, name: str):
-        """The current canary's analysis (None without a canary)."""
+        """The current canary's analysis (None without a canary). Each look reads only the
+        answers appended since the last one: a look costs the same after 10 or 10,000."""
         canary = self.get(name).canary
         if canary is None:
             return None
-        outcomes = self.outcomes(name, canary.id)
-        step_answers = sum(o.arm == CANARY and o.time >= canary.step_started_at for o in outcomes)
-        policy = self.policy.canary
-        if canary.promote_after:
-            policy = policy.model_copy(update={"promote_after": canary.promote_after})
-        return analyse(Tally(policy, outcomes), step_answers)
+        with self._analysis_lock:
+            cursor = self._cursors.get(canary.id)
+            if cursor is None:
+                policy = self.policy.canary
+                if canary.promote_after:
+                    policy = policy.model_copy(update={"promote_after": canary.promote_after})
+                cursor = self._cursors[canary.id] = _OutcomeCursor(self.outcomes_path(name, canary.id), policy)
+            cursor.read_new()
+            return analyse(cursor.tally, cursor.canary_answers_since(canary.step_started_at))
 
     def decide(self, name: str) -> Decision | None:
         """Acts on the analysis: roll back on harm; a passed step moves to the next weight or

@@ -1,10 +1,12 @@
 """The request path as explicit stages, shared by streaming and non-streaming requests.
 
-resolve model -> retrieve -> generate -> record. Each stage is a small object with two hooks:
+resolve model (stable or canary) -> retrieve -> generate -> record (provenance, metrics, the
+canary's outcome log; a shadow copy). Each stage is a small object with three hooks:
 `before(answer)` runs in order before the answer exists, `after(answer)` in reverse order once
-it is complete (for a stream: after its last token, before `[DONE]`). A stage decides by
-setting fields of the `Answer` or raising an `APIError` (the request then fails with that
-status). Authentication, canary routing, caching, guards and feedback slot in as stages.
+it is complete (for a stream: after its last token, before `[DONE]`), `failed(answer, error)`
+when the request fails. A stage decides by setting fields of the `Answer` or raising an
+`APIError` (the request then fails with that status). Authentication, caching, guards and
+feedback slot in as stages.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from dataclasses import replace
 from opentelemetry import trace
 
 from cluster.config import RagPolicy
-from cluster.errors import NotFound, UserError
+from cluster.errors import UserError
 from cluster.telemetry import inject_context, ms_since, trace_id_of, tracer
 from serving.answer import Answer
-from serving.canary import CANARY, NONE, SHADOW, Outcome
+from serving.canary import CANARY, SHADOW, Outcome
 from serving.generator import Generation
 from serving.prompts import CHAT_CONTEXT, COMPLETION_CONTEXT
 from serving.protocol import APIError
 from serving.provenance import (SCHEMA_VERSION, AdapterUsed, ChunkUsed, ProvenanceLog, ProvenanceRecord,
                                 RetrievalUsed, Usage, new_provenance_id)
-from serving.releases import ReleaseBook
+from serving.releases import NotApproved, ReleaseBook
 
 ABSTAIN_MESSAGE = "I could not find anything relevant to this question in the knowledge base {kb!r}."
 
@@ -57,10 +59,10 @@ class ResolveModel(Stage):
             try:  # a registry may be remote (S3): look it up off the event loop
                 route = await asyncio.to_thread(self.releases.route, model, answer.caller)
                 version = await asyncio.to_thread(self.releases.registry.get, route.ref)
-            except NotFound as exc:
-                raise APIError(404, f"model {model!r} does not exist ({exc})", code="model_not_found") from None
-            except UserError as exc:
+            except NotApproved as exc:
                 raise APIError(403, str(exc), "permission_error", code="not_approved") from None
+            except UserError as exc:
+                raise APIError(404, f"model {model!r} does not exist ({exc})", code="model_not_found") from None
             span.set_attribute("tunefetch.adapter.name", version.name)
             span.set_attribute("tunefetch.adapter.version", version.ref)
             span.set_attribute("tunefetch.adapter.hash", version.content_hash)
@@ -68,10 +70,10 @@ class ResolveModel(Stage):
             if route.approval_id:
                 span.set_attribute("tunefetch.approval.id", route.approval_id)
         answer.adapter, answer.arm, answer.approval_id = version, route.arm, route.approval_id
-        answer.shadow = route.shadow
+        answer.shadow, answer.canary_id = route.shadow, route.canary_id
         answer.span.set_attribute("tunefetch.canary.arm", route.arm)
-        if route.arm != NONE:
-            answer.canary_id = self.releases.get(version.name).canary.id
+        if route.approval_id:
+            answer.span.set_attribute("tunefetch.approval.id", route.approval_id)
 
 
 class Retrieve(Stage):

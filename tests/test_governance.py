@@ -101,7 +101,7 @@ def test_split_is_sticky_raises_only_move_callers_to_canary_and_exact_versions_b
     assert canary_count >= len(on_canary) + moved
     assert _sample(metrics, "tunefetch_requests_total", model=helpdesk["stable"], arm="none") >= 1
     assert _sample(metrics, "tunefetch_request_latency_seconds_count", model=helpdesk["equal"], arm="canary") == canary_count
-    assert "vllm:" in metrics
+    assert "vllm:e2e_request_latency_seconds_bucket" in metrics and "ray_serve_" in metrics  # the engine's, Serve's
 
     shown = status(cli)
     assert shown["canary"]["automatic"] is False and [d["action"] for d in shown["decisions"]][-2:] == ["start", "weight"]
@@ -242,6 +242,9 @@ def test_approvals_are_four_eyes_bound_to_the_adapter_bytes_and_named_on_answers
     assert body["model"] == helpdesk["equal"]
     record = json.loads(cli("provenance", "show", body["provenance_id"], "--json").stdout)
     assert record["approval_id"] == approval_id and record["card_hash"]
+    shown = json.loads(cli("adapters", "show", helpdesk["equal"], "--json").stdout)
+    assert [(a["approval_id"], a["approved_by"], a["valid"]) for a in shown["approvals"]] == [
+        (approval_id, "reviewer-2", True)]
 
     # One changed byte in the adapter invalidates the approval: refused as stable, and answers
     # stop naming it; restoring the byte restores it.

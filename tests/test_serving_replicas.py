@@ -19,6 +19,7 @@ import yaml
 from conftest import CLI, free_port, running_server, s3_uri
 
 ADAPTERS = ["support@v1", "echo@v1"]
+RELAY = ["relay@v1", "relay@v2"]  # byte-copies of support@v1, only in this module's S3 registry
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,8 @@ def replicas(home, s3_endpoint, adapter, second_adapter, server, tmp_path_factor
     for ref in ADAPTERS:
         version = local.get(ref)
         remote.register(version.name, local.local_dir(version), version.record)
+    for _ in RELAY:
+        remote.register("relay", local.local_dir(local.get("support@v1")), local.get("support@v1").record)
     work = tmp_path_factory.mktemp("replicas")
     config = work / "replicas.yaml"
     config.write_text(yaml.safe_dump({
@@ -43,8 +46,12 @@ def replicas(home, s3_endpoint, adapter, second_adapter, server, tmp_path_factor
                                   "max_queued_requests": 2},
                     "engine": {"max_loras": 1, "max_cpu_loras": 1}},
     }))
+    cli = CLI(home, config)
+    # A canary started before this server exists: its state is in the home, not in a process.
+    cli("canary", "rollback", "relay", "--to", "v1")
+    cli("canary", "start", "relay", "--to", "v2", "--weight", "0.5", "--manual")
     with running_server(home, config, work / "serve.log") as url:
-        yield url, CLI(home, config)
+        yield url, cli
 
 
 def post(url: str, model: str, question: str, max_tokens: int = 8, **extra) -> httpx.Response:
@@ -53,8 +60,8 @@ def post(url: str, model: str, question: str, max_tokens: int = 8, **extra) -> h
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
 
 
-def ask(url: str, model: str, question: str) -> dict:
-    response = post(url, model, question)
+def ask(url: str, model: str, question: str, **extra) -> dict:
+    response = post(url, model, question, **extra)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -67,7 +74,7 @@ def replica_of(cli: CLI, answer: dict) -> str:
 def test_models_come_from_the_s3_registry(replicas):
     url, _ = replicas
     ids = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
-    assert ids == {"tiny-llama", "support", "echo", *ADAPTERS}  # exactly what the S3 registry holds
+    assert ids == {"tiny-llama", "support", "echo", "relay", *ADAPTERS, *RELAY}  # exactly what the S3 registry holds
 
 
 def test_each_adapter_stays_on_the_replica_that_holds_it(replicas, server):
@@ -118,6 +125,17 @@ def test_a_streaming_burst_is_shed_with_429_before_any_token(replicas):
             assert json.loads(text)["error"]["code"] == "server_overloaded"
         else:
             assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_canary_set_before_the_server_started_splits_its_callers(replicas):
+    from serving.canary import assign
+
+    url, cli = replicas
+    users = [f"restart-{i}" for i in range(12)]
+    expected = {u: RELAY[1] if assign("relay", f"user:{u}", 0.5) == "canary" else RELAY[0] for u in users}
+    assert set(expected.values()) == set(RELAY)
+    assert {u: ask(url, "relay", "warm up", user=u)["model"] for u in users} == expected
+    cli("canary", "rollback", "relay")
 
 
 def _generator_replica_pids(app: str) -> list[int]:

@@ -80,7 +80,7 @@ def test_spans_carry_the_gen_ai_attributes_of_the_request(rag_trace):
     assert generate["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
 
 
-def test_the_gateway_span_describes_the_response(rag_trace):
+def test_the_gateway_span_describes_the_response(rag_trace, cli):
     body, _, spans = rag_trace
     root = spans["chat"][0].attributes
     assert root.get("gen_ai.provider.name") == "vllm"
@@ -89,6 +89,9 @@ def test_the_gateway_span_describes_the_response(rag_trace):
     assert isinstance(reasons, (list, tuple)) and body["choices"][0]["finish_reason"] in reasons
     card_hash = root.get("tunefetch.card.hash")
     assert isinstance(card_hash, str) and card_hash
+    assert root.get("tunefetch.canary.arm") == "none"  # `support` has no canary
+    record = json.loads(cli("provenance", "show", body["provenance_id"], "--json").stdout)
+    assert record["card_hash"] == card_hash and record["trace_id"] == spans["chat"][0].trace_id
 
 
 def test_the_training_span_arrived_over_grpc_with_the_adapters_trace_id(adapter, cli, collector):

@@ -210,14 +210,6 @@ class ApprovalStore:
             return Verdict(valid=False, reason="the policy requires an eval report and this approval has none")
         return Verdict(valid=True)
 
-    def valid_for(self, ref: str, adapter_dir: Path) -> tuple[Approval | None, Verdict]:
-        """The newest approval of `ref` and its verdict (None: never approved)."""
-        candidates = [a for a in self.all() if a.ref == ref]
-        if not candidates:
-            return None, Verdict(valid=False, reason="not approved")
-        newest = candidates[-1]
-        return newest, self.verify(newest, adapter_dir)
-
 
 def _model_id(path: Path) -> str:
     meta = Path(path) / "tunefetch_model.json"

@@ -130,8 +130,9 @@ def _print_status(status: dict, console: Console) -> None:
                 f"(n={m['n_canary']})  p={_num(m['p_value'])}")
     for d in status["decisions"][-8:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["at"]))
-        weight = f" weight {d['weight']:g}" if d["weight"] is not None else ""
-        say(f"  {when}  {d['action']:<8} by {d['by']}{weight}  {d['reason']}")
+        weight = f" at {d['weight']:g}" if d["weight"] is not None else ""
+        what = d["candidate"] or d["stable"] or ""
+        say(f"  {when}  {d['action']:<8} {what}{weight} by {d['by']}" + (f": {d['reason']}" if d["reason"] else ""))
 
 
 def _num(value) -> str:

@@ -127,8 +127,26 @@ def adapters_show(args: Namespace, config: TunefetchConfig, console: Console) ->
 
     registry = open_registry(config.registry_settings())
     version = registry.get(args.ref)
+    approvals = _approvals_of(version, registry, config)
     if args.json:
-        console.json(version.record.model_dump(mode="json"))
+        console.json({**version.record.model_dump(mode="json"), "approvals": approvals})
         return 0
     console.result(registry.read_text(version.location, "MODEL_CARD.md"))
+    for a in approvals:
+        state = "valid" if a["valid"] else f"invalid: {a['reason']}"
+        console.result(f"- approval `{a['approval_id']}` by {a['approved_by']} ({state})")
     return 0
+
+
+def _approvals_of(version, registry, config: TunefetchConfig) -> list[dict]:
+    """The approvals of one version (the registry record itself never changes), each checked
+    against its evidence now."""
+    from training.approvals import ApprovalStore
+
+    store = ApprovalStore(config.paths.approvals, config.governance)
+    mine = [a for a in store.all() if a.ref == version.ref]
+    if not mine:
+        return []
+    local = registry.local_dir(version)
+    return [{"approval_id": a.approval_id, "approved_by": a.approved_by, "approved_at": a.approved_at,
+             **store.verify(a, local).model_dump()} for a in mine]
