@@ -121,10 +121,18 @@ class RagPolicy(_Section):
     no_context: Literal["abstain", "answer"] = Field(
         "answer", description="abstain: a fixed 'not found' answer; answer: generate without context, marked grounded: false."
     )
+    on_unavailable: Literal["fail", "answer"] = Field(
+        "fail", description="When the knowledge store backend is down: fail: 503 with Retry-After; answer: generate "
+                            "without context, marked grounded: false with the retrieval_error.")
+    search_timeout_s: float = Field(5.0, gt=0, description="A search slower than this counts as the backend failing.")
+    breaker_failures: int = Field(3, ge=1, description="Consecutive backend failures that open the circuit (calls "
+                                                       "then fail at once, without waiting for a timeout).")
+    breaker_reset_s: float = Field(10.0, gt=0, description="Seconds an open circuit waits before one trial call.")
 
     def merged(self, request) -> "RagPolicy":
-        """This policy with a request's `min_score` / `no_context` overrides applied."""
-        overrides = {k: getattr(request, k) for k in ("min_score", "no_context") if getattr(request, k) is not None}
+        """This policy with a request's `min_score` / `no_context` / `on_unavailable` overrides applied."""
+        overrides = {k: getattr(request, k) for k in ("min_score", "no_context", "on_unavailable")
+                     if getattr(request, k) is not None}
         return self.model_copy(update=overrides)
 
 
@@ -140,7 +148,18 @@ class ServingConfig(_Section):
     retriever: DeploymentOptions = DeploymentOptions(num_cpus=0.5)
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of requests that set none.")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    allow_unauthenticated: bool = Field(
+        False, description="Serve on an address beyond loopback (e.g. 0.0.0.0) while no API key exists.")
+    public_metrics: bool = Field(False, description="With API keys in force, /metrics without an admin key "
+                                                    "(for a scraper that cannot send one).")
     rag: RagPolicy = RagPolicy()
+
+
+class ClientConfig(_Section):
+    """How the CLI calls a running server (`query`, `card`, `eval compare`)."""
+
+    url: str | None = Field(None, description="Server URL (default: http://serving.host:serving.port).")
+    api_key: SecretStr | None = Field(None, description="The API key it sends (e.g. TUNEFETCH_CLIENT__API_KEY).")
 
 
 class RegistryConfig(_Section):
@@ -201,6 +220,7 @@ class TunefetchConfig(BaseSettings):
     registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
     governance: GovernanceConfig = GovernanceConfig()
+    client: ClientConfig = ClientConfig()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -221,6 +241,17 @@ class TunefetchConfig(BaseSettings):
         """The registry section with the home's defaults filled in (what a deployment needs)."""
         return self.registry.model_copy(update={"uri": self.registry.uri or str(self.paths.adapters),
                                                 "cache_dir": self.registry.cache_dir or self.paths.adapter_cache})
+
+    @property
+    def local_url(self) -> str:
+        """The server of this config as seen from its own machine (loopback for a wildcard bind)."""
+        host = "127.0.0.1" if self.serving.host in ("0.0.0.0", "::", "") else self.serving.host
+        return f"http://{host}:{self.serving.port}"
+
+    @property
+    def server_url(self) -> str:
+        """Where the CLI finds a running server: client.url, else the local one."""
+        return self.client.url or self.local_url
 
     def public_dump(self) -> dict:
         """The config for manifests and people: no secrets, no machine-local home."""
@@ -273,6 +304,11 @@ class HomePaths:
     @property
     def approvals(self) -> Path:
         return self.home / "approvals"
+
+    @property
+    def keys(self) -> Path:
+        """API keys (salted hashes of their tokens, never the tokens)."""
+        return self.home / "keys.json"
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> TunefetchConfig:

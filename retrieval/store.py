@@ -126,10 +126,11 @@ def collection_name(name: str, version: int) -> str:
 class KnowledgeStores:
     """The knowledge stores of one Milvus deployment: write a version, search, list, roll back."""
 
-    def __init__(self, address: MilvusAddress):
+    def __init__(self, address: MilvusAddress, timeout_s: float | None = None):
         from pymilvus import MilvusClient
 
         self.client = MilvusClient(uri=address.uri, token=secret_value(address.token) or "")
+        self._rpc = {"timeout": timeout_s} if timeout_s else {}  # a deadline for each call on the search path
         self._loaded: set[str] = set()
         self._aliases: set[str] = set()
 
@@ -145,10 +146,10 @@ class KnowledgeStores:
         # Ask before describing (pymilvus logs a traceback for every failed RPC); aliases are
         # never deleted, so the list is only refreshed when a name is missing from it.
         if name not in self._aliases:
-            self._aliases = set(self.client.list_aliases().get("aliases", []))
+            self._aliases = set(self.client.list_aliases(**self._rpc).get("aliases", []))
             if name not in self._aliases:
                 raise NotFound(f"unknown knowledge store {name!r} (see `tunefetch kb list`)")
-        collection = self.client.describe_alias(name)["collection_name"]
+        collection = self.client.describe_alias(name, **self._rpc)["collection_name"]
         return collection, int(_VERSION_SUFFIX.match(collection).group("version"))
 
     def versions(self, name: str) -> list[VersionInfo]:
@@ -165,14 +166,11 @@ class KnowledgeStores:
     def search(self, name: str, vector: np.ndarray, top_k: int, filters: dict | None = None) -> SearchResult:
         collection, version = self.current(name)
         self._ensure_loaded(collection)
-        hits = self.client.search(
-            collection,
-            data=[np.asarray(vector, dtype=np.float32).tolist()],
-            limit=top_k,
-            filter=build_filter(filters),
-            output_fields=_OUTPUT_FIELDS,
-            search_params=_SEARCH_PARAMS,
-        )[0]
+        try:
+            hits = self._search(collection, vector, top_k, filters)
+        except Exception:
+            self._loaded.discard(collection)  # a restarted backend has it released: load again next time
+            raise
         return SearchResult(name, collection, version, [
             Hit(
                 chunk_id=str(h["chunk_id"]),
@@ -186,6 +184,17 @@ class KnowledgeStores:
             )
             for h in hits
         ])
+
+    def _search(self, collection: str, vector: np.ndarray, top_k: int, filters: dict | None) -> list[dict]:
+        return self.client.search(
+            collection,
+            data=[np.asarray(vector, dtype=np.float32).tolist()],
+            limit=top_k,
+            filter=build_filter(filters),
+            output_fields=_OUTPUT_FIELDS,
+            search_params=_SEARCH_PARAMS,
+            **self._rpc,
+        )[0]
 
     def chunk_texts(self, collection: str, chunk_ids: list[str]) -> dict[str, str]:
         """{chunk_id: text} of chunks in one physical collection (a citation names both)."""
@@ -306,8 +315,8 @@ class KnowledgeStores:
         # A restarted Milvus (Lite or server) keeps collections released until someone loads them.
         if collection in self._loaded:
             return
-        if str(self.client.get_load_state(collection).get("state")) != "Loaded":
-            self.client.load_collection(collection)
+        if str(self.client.get_load_state(collection, **self._rpc).get("state")) != "Loaded":
+            self.client.load_collection(collection, **self._rpc)
         self._loaded.add(collection)
 
     def _record(self, collection: str) -> StoreVersionRecord | None:

@@ -29,10 +29,12 @@ class Answer:
     adapter: AdapterVersion | None = None  # None: the base model answers
     retrieved: object | None = None  # retrieval.store.SearchResult, relevant hits only
     prompt_template: str | None = None  # version of the template that put passages in the prompt
+    retrieval_error: str | None = None  # the backend was down and the policy said: answer without context
     abstained: bool = False  # nothing relevant was retrieved and the policy is to abstain
     retrieval_ms: float | None = None  # the retrieval call, as the gateway saw it
     generation: Generation | None = None  # set once known (a stream: after its last token)
     chunks: AsyncIterator[dict] | None = None  # a stream's generator items, while streaming
+    key: object | None = None  # serving.keys.ApiKey of the caller; None while the server needs no keys
     caller: str = ""  # the sticky key: the request's `user`, else its API key, else the client address
     arm: str = "none"  # canary arm: stable | canary | none
     canary_id: str | None = None  # the canary this answer counts towards
@@ -81,6 +83,8 @@ class Answer:
             extensions["citations"] = self.citations()
             extensions["grounded"] = bool(self.retrieved.hits)  # False: answered without context
             extensions["abstained"] = self.abstained
+        elif self.retrieval_error:
+            extensions.update(citations=[], grounded=False, abstained=False, retrieval_error=self.retrieval_error)
         return extensions
 
     def body(self) -> dict:

@@ -9,6 +9,7 @@ registry and telemetry; the retriever the Milvus address; the gateway the servin
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from ray import serve
@@ -19,6 +20,7 @@ from cluster.errors import UserError
 from retrieval.milvus_endpoint import MilvusAddress
 from serving.gateway import Gateway
 from serving.generator import Generator
+from serving.keys import KeyRing
 from serving.retriever import Retriever
 from training.local_model import model_identity
 
@@ -32,9 +34,10 @@ def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
     generator = Generator.options(**deployment_options(serving.generator, engine_env(serving))).bind(
         serving.engine, serving.generator, registry, telemetry, str(model_path), base_model.id)
     retriever = Retriever.options(**deployment_options(serving.retriever)).bind(
-        milvus, config.retrieval.top_k, telemetry)
+        milvus, config.retrieval.top_k, telemetry, serving.rag.search_timeout_s)
     paths = config.paths
-    home = {"provenance": str(paths.provenance), "releases": str(paths.releases), "approvals": str(paths.approvals)}
+    home = {"provenance": str(paths.provenance), "releases": str(paths.releases), "approvals": str(paths.approvals),
+            "keys": str(paths.keys)}
     return Gateway.options(**deployment_options(serving.gateway)).bind(
         serving, registry, telemetry, config.governance, home, base_model, retriever, generator)
 
@@ -113,6 +116,22 @@ def deployment_options(deployment: DeploymentOptions, env: dict[str, str] | None
 
 def run_app(config: TunefetchConfig, milvus: MilvusAddress) -> str:
     """Deploys the app on the connected Ray cluster; returns the base URL once it answers."""
+    check_exposure(config)
     serve.start(http_options={"host": config.serving.host, "port": config.serving.port})
     serve.run(build_app(config, milvus), name=config.serving.app_name, route_prefix="/")
-    return f"http://{config.serving.host}:{config.serving.port}"
+    return config.local_url
+
+
+def check_exposure(config: TunefetchConfig) -> None:
+    """A server reachable from other machines must require API keys, unless told otherwise."""
+    host = config.serving.host
+    if host == "localhost" or config.serving.allow_unauthenticated:
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass  # a host name: treated as reachable
+    if not KeyRing(config.paths.keys).required():
+        raise UserError(f"serving.host is {host}, reachable from other machines, and no API key exists: create one "
+                        "with `tunefetch keys create --tenant NAME`, or set serving.allow_unauthenticated: true")

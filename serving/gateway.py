@@ -8,7 +8,6 @@ caller's `traceparent` and returned in the response header.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 
@@ -16,21 +15,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import GovernanceConfig, RegistryConfig, ServingConfig, TelemetryConfig
-from cluster.errors import UserError
+from cluster.errors import NotFound, UserError
 from cluster.telemetry import extract_context, setup_tracing, traceparent_of, tracer
 from serving import card, card_facts
 from serving.answer import Answer, sse, usage
 from serving.generator import Generation
+from serving.keys import ApiKey, Forbidden, KeyRing, KeysUnavailable
 from serving.metrics import Measure, only_series
 from serving.prompts import last_user_message
-from serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, now, parse_request
-from serving.provenance import ProvenanceLog
+from serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, as_api_error, now, openapi,
+                              parse_request)
+from serving.provenance import PROVENANCE_ID, ProvenanceLog
 from serving.releases import ReleaseBook
-from serving.stages import CanaryOutcome, Generate, Record, ResolveModel, Retrieve, Shadow, Stage
+from serving.stages import Authorize, CanaryOutcome, Generate, Record, ResolveModel, Retrieve, Shadow, Stage
 from training.approvals import ApprovalStore
 from training.local_model import ModelIdentity
 from training.registry import open_registry
@@ -38,34 +38,38 @@ from training.registry import open_registry
 CARD_REFRESH_S = 10.0  # the card hash stamped on answers is at most this old (and fresh after a release change)
 
 api = FastAPI(title="tunefetch", description="OpenAI-compatible API with retrieval, citations and provenance.")
+api.openapi = lambda: openapi(api)
 
 
 @api.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
-def _as_api_error(exc: Exception) -> APIError:
-    """Errors raised in other replicas arrive wrapped; keep their status and message. Overload
-    is 429 and a missing or dying replica 503: both are worth a retry (Retry-After)."""
-    if isinstance(exc, APIError) or hasattr(exc, "status") and hasattr(exc, "message"):
-        return APIError(exc.status, exc.message, getattr(exc, "type", "invalid_request_error"), getattr(exc, "code", None))
-    if isinstance(exc, BackPressureError):
-        return APIError(429, "the server is at capacity: retry shortly", "rate_limit_error", code="server_overloaded")
-    if isinstance(exc, (RayActorError, ActorUnavailableError, DeploymentUnavailableError)):
-        return APIError(503, "the model server is unavailable: retry shortly", "server_error", code="service_unavailable")
-    return APIError(500, f"internal error: {exc.__class__.__name__}", "server_error")
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    """FastAPI's own errors (an unknown path, a wrong method) in the OpenAI shape too."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
 
 
-def sticky_key(body, request: Request) -> str:
-    """Who the caller is, for canary assignment: the OpenAI `user` field, else (a hash of) the
-    API key, else the client address."""
+def sticky_key(body, request: Request, key: ApiKey | None) -> str:
+    """Who the caller is, for canary assignment: the OpenAI `user` field, else the API key's
+    id, else the client address."""
     if getattr(body, "user", None):
         return f"user:{body.user}"
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return "key:" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:16]
+    if key is not None:
+        return f"key:{key.key_id}"
     return f"addr:{request.client.host if request.client else 'unknown'}"
+
+
+def _access_error(exc: UserError) -> APIError:
+    if isinstance(exc, Forbidden):
+        return APIError(403, str(exc), "permission_error", code="forbidden")
+    if isinstance(exc, KeysUnavailable):
+        return APIError(503, str(exc), "server_error", code="keys_unavailable")
+    return APIError(401, str(exc), code="invalid_api_key")
 
 
 def _trace_header(span) -> dict:
@@ -74,11 +78,11 @@ def _trace_header(span) -> dict:
 
 
 def _error_response(exc: Exception, span) -> JSONResponse:
-    error = _as_api_error(exc)
+    error = as_api_error(exc)
     span.set_attribute("error.type", error.type)
     headers = _trace_header(span)
     if error.status in (429, 503):
-        headers["Retry-After"] = "1"
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s or 1)))
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
@@ -120,14 +124,17 @@ class Gateway:
         self.releases = ReleaseBook(home["releases"], self.registry, ApprovalStore(home["approvals"], governance),
                                     governance)
         self.max_request_bytes = serving.max_request_bytes
+        self.keys, self.public_metrics = KeyRing(home["keys"]), serving.public_metrics
+        self.provenance = ProvenanceLog(home["provenance"])
         self.tracer = tracer("tunefetch.gateway")
         self.retriever, self.generator = retriever, generator
         self.settings = (serving, telemetry, governance)
         self.measure = Measure()
         generate = Generate(generator, serving.default_max_tokens)
         # `after` hooks run in reverse: record, measure, count for the canary, then the shadow copy.
-        recording: list[Stage] = [Record(ProvenanceLog(home["provenance"])), self.measure, CanaryOutcome(self.releases)]
+        recording: list[Stage] = [Record(self.provenance), self.measure, CanaryOutcome(self.releases)]
         self.stages: list[Stage] = [
+            Authorize(),
             ResolveModel(self.releases),
             Shadow(self.releases, generate, recording),
             Retrieve(retriever, serving.rag),
@@ -143,11 +150,24 @@ class Gateway:
     async def healthz(self):
         return {"status": "ok"}
 
+    def _key(self, request: Request, admin: str | None = None) -> ApiKey | None:
+        """The caller's API key (None while no key exists): 401 without a valid one, 403 when
+        `admin` names an action and the key lacks the admin scope."""
+        try:
+            key = self.keys.authenticate(request.headers.get("authorization"))
+            if key is not None and admin:
+                key.check_admin(admin)
+        except UserError as exc:
+            raise _access_error(exc) from None
+        return key
+
     @api.get("/metrics")
-    async def metrics(self):
+    async def metrics(self, request: Request):
         """tunefetch_* series, then the generator replicas' vllm:* and Ray Serve's ray_serve_*."""
         from fastapi.responses import PlainTextResponse
 
+        if not self.public_metrics:
+            self._key(request, admin="metrics")
         parts = [self.measure.text()]
         try:
             parts.append(only_series(await self.generator.metrics_text.remote(), "vllm:"))
@@ -158,20 +178,28 @@ class Gateway:
 
     # -- governance (admin) ----------------------------------------------------------------------
     @api.get("/v1/admin/card")
-    async def system_card(self):
-        facts = await self._card_facts()
+    async def system_card(self, request: Request):
+        self._key(request, admin="system card")
+        try:
+            facts = await self._card_facts()
+        except TimeoutError:
+            raise APIError(503, "the knowledge store backend did not answer: the card cannot describe the stores",
+                           "server_error", code="retrieval_unavailable") from None
         return {"card_hash": card.card_hash(facts), "facts": facts}
 
     @api.get("/v1/admin/canary")
-    async def canaries(self):
+    async def canaries(self, request: Request):
+        self._key(request, admin="canary status")
         return {"data": [await asyncio.to_thread(self._canary_status, n) for n in self.releases.names()]}
 
     @api.get("/v1/admin/canary/{name}")
-    async def canary(self, name: str):
+    async def canary(self, name: str, request: Request):
+        self._key(request, admin="canary status")
         return await asyncio.to_thread(self._canary_status, name)
 
     @api.post("/v1/admin/canary/{name}/{action}")
     async def canary_action(self, name: str, action: str, request: Request):
+        self._key(request, admin=f"canary {action[:20]}")
         raw = await request.body()
         try:
             args = json.loads(raw) if raw.strip() else {}
@@ -206,7 +234,8 @@ class Gateway:
             "metrics": [c.to_json() for c in verdict.comparisons]}}
 
     async def _card_facts(self) -> dict:
-        stores = await self.retriever.describe.remote()
+        # Bounded: with the store backend down the card keeps its last hash instead of hanging requests.
+        stores = await asyncio.wait_for(self.retriever.describe.remote(), CARD_REFRESH_S)
         serving, telemetry, governance = self.settings
         return await asyncio.to_thread(card_facts.gather, self.base_model, self.releases, stores, serving,
                                        telemetry, governance)
@@ -247,18 +276,23 @@ class Gateway:
         return tuple(stamps)
 
     @api.get("/v1/models")
-    async def models(self):
-        return await asyncio.to_thread(self._models)
+    async def models(self, request: Request):
+        key = self._key(request)
+        return await asyncio.to_thread(self._models, key)
 
-    def _models(self) -> dict:
+    def _models(self, key: ApiKey | None) -> dict:
+        """The base model and what `key` may use: every version, and NAME for its stable one."""
         created = now()
         base = self.base_model.id
         data = [{"id": base, "object": "model", "created": created, "owned_by": "tunefetch", "root": base,
                  "parent": None}]
+        allowed = (lambda name: True) if key is None or key.adapters is None else set(key.adapters).__contains__
         for version in self.registry.all():
+            if not allowed(version.name):
+                continue
             data.append({"id": version.ref, "object": "model", "created": int(version.record.created_at),
                          "owned_by": "tunefetch", "root": version.name, "parent": base})
-        for name in self.registry.names():
+        for name in filter(allowed, self.registry.names()):
             try:  # the version NAME answers with now (its stable one); unlisted while none may serve
                 root = self.releases.stable(name)[0]
             except UserError:
@@ -267,16 +301,34 @@ class Gateway:
                          "parent": base})
         return {"object": "list", "data": data}
 
+    @api.get("/v1/provenance/{provenance_id}")
+    async def provenance_record(self, provenance_id: str, request: Request):
+        """One answer's provenance record: a key sees its own tenant's answers (admin: all);
+        anything else is indistinguishable from an id that does not exist."""
+        key = self._key(request)
+        missing = APIError(404, f"no provenance record {provenance_id[:80]!r}", code="not_found")
+        if not PROVENANCE_ID.match(provenance_id):
+            raise missing
+        try:
+            record = await asyncio.to_thread(self.provenance.get, provenance_id)
+        except NotFound:
+            raise missing from None
+        if key is not None and not key.admin and record.tenant != key.tenant:
+            raise missing
+        return record.model_dump(mode="json", exclude={"base_model": {"path"}})
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        key = self._key(request)
         body = await self._body(request, ChatCompletionRequest)
-        messages = [m.model_dump() for m in body.messages]
-        return await self._complete(body, request, {"messages": messages}, last_user_message(messages), chat=True)
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        return await self._complete(body, request, key, {"messages": messages}, last_user_message(messages), chat=True)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        key = self._key(request)
         body = await self._body(request, CompletionRequest)
-        return await self._complete(body, request, {"text": body.prompt}, body.prompt, chat=False)
+        return await self._complete(body, request, key, {"text": body.prompt}, body.prompt, chat=False)
 
     async def _body(self, request: Request, model):
         """The request body, size-checked (413) before it is parsed and validated (400)."""
@@ -291,14 +343,18 @@ class Gateway:
         return parse_request(raw, model)
 
     # -- the request pipeline ---------------------------------------------------------------
-    async def _complete(self, body, request: Request, prompt: dict, query: str, chat: bool):
+    async def _complete(self, body, request: Request, key: ApiKey | None, prompt: dict, query: str, chat: bool):
         started = time.perf_counter()
         operation = "chat" if chat else "text_completion"
         # Ended by hand: a streamed answer outlives this function.
         span = self.tracer.start_span(operation, context=extract_context(dict(request.headers)))
         span.set_attribute("gen_ai.operation.name", operation)
         span.set_attribute("gen_ai.request.model", body.model)
-        answer = Answer(body, chat, prompt, query, self.base_model, span, started, caller=sticky_key(body, request))
+        answer = Answer(body, chat, prompt, query, self.base_model, span, started, key=key,
+                        caller=sticky_key(body, request, key))
+        if key is not None:
+            span.set_attribute("tunefetch.tenant", key.tenant)
+            span.set_attribute("tunefetch.key.id", key.key_id)
         await self._refresh_card()
         answer.card_hash = self.card_hash
         span.set_attribute("gen_ai.provider.name", "vllm")
@@ -328,7 +384,7 @@ class Gateway:
                                   [r or "" for r in answer.generation.finish_reasons])
 
     async def _failed(self, answer: Answer, exc: Exception) -> None:
-        error = _as_api_error(exc)
+        error = as_api_error(exc)
         for stage in self.stages:
             try:
                 await stage.failed(answer, error)
@@ -362,6 +418,6 @@ class Gateway:
             yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event
             await self._failed(answer, exc)
-            yield sse(_as_api_error(exc).body())
+            yield sse(as_api_error(exc).body())
         finally:
             answer.span.end()

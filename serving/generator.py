@@ -11,11 +11,13 @@ its own LoRA id for the life of the replica, so an id never points at other weig
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray import serve
 
@@ -62,6 +64,19 @@ def _claim_engine_cores(engine: EngineConfig, options: DeploymentOptions) -> Cor
     return claim
 
 
+def check_adapter_files(path: Path) -> None:
+    """Reads what vLLM will load (the config, every tensor) so a truncated or corrupt version is
+    refused with the reason before it reaches the engine."""
+    from safetensors import safe_open
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    if not isinstance(config, dict) or "r" not in config:
+        raise ValueError("adapter_config.json is not a LoRA config")
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as weights:
+        for name in weights.keys():
+            weights.get_tensor(name)
+
+
 @serve.deployment
 class Generator:
     def __init__(self, engine: EngineConfig, options: DeploymentOptions, registry: RegistryConfig,
@@ -99,7 +114,12 @@ class Generator:
         version = await asyncio.to_thread(self.registry.get, ref)
         path = await asyncio.to_thread(self.registry.local_dir, version)
         request = LoRARequest(ref, self._lora_ids.setdefault(ref, len(self._lora_ids) + 1), str(path))
-        await self.engine.add_lora(request)
+        try:
+            await asyncio.to_thread(check_adapter_files, path)
+            await self.engine.add_lora(request)
+        except Exception as exc:  # noqa: BLE001 - a broken version fails its requests, never the engine
+            reason = str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__
+            raise APIError(400, f"adapter {ref} cannot be loaded: {reason}", code="adapter_unloadable") from None
         return request
 
     def metrics_text(self) -> str:
@@ -129,6 +149,7 @@ class Generator:
         sampling = SamplingParams(
             n=params["n"], max_tokens=max_tokens, min_tokens=min(params["min_tokens"], max_tokens),
             temperature=params["temperature"], top_p=params["top_p"], stop=params["stop"], seed=params["seed"],
+            presence_penalty=params.get("presence_penalty", 0.0), frequency_penalty=params.get("frequency_penalty", 0.0),
             output_kind=output_kind,
         )
         return ids, sampling

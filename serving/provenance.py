@@ -9,8 +9,7 @@ schema 1 (the same fields, timings possibly missing).
 
 from __future__ import annotations
 
-import fcntl
-import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -18,9 +17,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.errors import NotFound
+from cluster.files import append_line
 from training.local_model import ModelIdentity
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+PROVENANCE_ID = re.compile(r"^prov-[0-9a-f]{32}$")
 
 
 def new_provenance_id() -> str:
@@ -71,11 +72,14 @@ class ProvenanceRecord(_Record):
     adapter: AdapterUsed | None = None
     canary_arm: str | None = None  # stable | canary | none
     approval_id: str | None = None  # the approval behind the adapter version, where one is valid
+    tenant: str | None = None  # the API key's tenant (None while the server needs no keys)
+    key_id: str | None = None  # which key asked (its id, never its token)
     card_hash: str | None = None  # the system card in force when it answered
     generator_replica: str | None = None
     retrieval: RetrievalUsed | None = None
     prompt_template: str | None = None
     abstained: bool = False
+    retrieval_error: str | None = None  # retrieval was asked for but its backend was down: answered without context
     output_hash: str
     usage: Usage = Usage()
 
@@ -90,16 +94,8 @@ class ProvenanceLog:
         self.root = Path(root)
 
     def append(self, record: ProvenanceRecord) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        line = (record.model_dump_json(exclude={"base_model": {"path"}}) + "\n").encode()
         path = self.root / time.strftime("%Y-%m-%d.jsonl", time.gmtime(record.time))
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(path, record.model_dump_json(exclude={"base_model": {"path"}}), durable=True)
 
     def _files_newest_first(self) -> list[Path]:
         return sorted(self.root.glob("*.jsonl"), reverse=True) if self.root.is_dir() else []

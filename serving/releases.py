@@ -9,8 +9,6 @@ Each canary's answers are appended to HOME/releases/NAME/<canary id>.jsonl (`Out
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
 import uuid
@@ -22,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from cluster.config import GovernanceConfig
 from cluster.errors import NotFound, UserError
+from cluster.files import append_line, locked, replace_text
 from serving.canary import CANARY, NONE, STABLE, Outcome, Tally, analyse, assign
 from training.approvals import ApprovalStore, Verdict
 from training.registry import AdapterRegistry, parse_ref
@@ -136,16 +135,11 @@ class ReleaseBook:
     def _editing(self, name: str):
         """The release, locked against every other writer; written back whole on success."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self._path(name).with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(self._path(name).with_suffix(".lock")):
             self._cache.pop(name, None)
             release = self.get(name).model_copy(deep=True)
             yield release
-            tmp = self._path(name).with_suffix(".tmp")
-            tmp.write_text(release.model_dump_json(indent=1))
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            tmp.rename(self._path(name))
+            replace_text(self._path(name), release.model_dump_json(indent=1))
             self._cache.pop(name, None)
 
     # -- resolution ------------------------------------------------------------------------
@@ -273,13 +267,7 @@ class ReleaseBook:
         return self.root / name / f"{canary_id}.jsonl"
 
     def record(self, name: str, canary_id: str, outcome: Outcome) -> None:
-        path = self.outcomes_path(name, canary_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (outcome.model_dump_json() + "\n").encode())
-        finally:
-            os.close(fd)
+        append_line(self.outcomes_path(name, canary_id), outcome.model_dump_json())
 
     def analysis(self, name: str):
         """The current canary's analysis (None without a canary). Each look reads only the

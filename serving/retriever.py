@@ -17,10 +17,11 @@ from serving.protocol import APIError
 
 @serve.deployment
 class Retriever:
-    def __init__(self, milvus: MilvusAddress, default_top_k: int, telemetry: TelemetryConfig):
+    def __init__(self, milvus: MilvusAddress, default_top_k: int, telemetry: TelemetryConfig,
+                 search_timeout_s: float | None = None):
         setup_tracing(telemetry, "retriever")
         self.embedder = Embedder()
-        self.stores = KnowledgeStores(milvus)
+        self.stores = KnowledgeStores(milvus, search_timeout_s)
         self.default_top_k = default_top_k
 
     async def retrieve(self, kb: str, query: str, top_k: int | None, filters: dict | None, trace: dict) -> SearchResult:
@@ -36,6 +37,10 @@ class Retriever:
                     result = await asyncio.to_thread(self.stores.search, kb, vector, top_k, filters)
                 except UserError as exc:
                     raise APIError(404 if isinstance(exc, NotFound) else 400, str(exc)) from None
+                except Exception as exc:  # noqa: BLE001 - the backend (Milvus) is down, slow or restarting
+                    reason = (str(exc).splitlines() or [""])[0][:200] or exc.__class__.__name__
+                    raise APIError(503, f"the knowledge store backend is unavailable: {reason}", "server_error",
+                                   code="retrieval_unavailable") from None
                 search.set_attribute("tunefetch.kb.collection", result.collection)
                 search.set_attribute("tunefetch.kb.version", result.kb_version)
                 search.set_attribute("tunefetch.retrieval.hits", len(result.hits))

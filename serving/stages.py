@@ -23,13 +23,16 @@ from cluster.errors import UserError
 from cluster.telemetry import inject_context, ms_since, trace_id_of, tracer
 from serving.answer import Answer
 from serving.canary import CANARY, SHADOW, Outcome
+from serving.circuit import CircuitBreaker
+from serving.keys import Forbidden
 from serving.generator import Generation
 from serving.prompts import CHAT_CONTEXT, COMPLETION_CONTEXT
-from serving.protocol import APIError
+from serving.protocol import APIError, as_api_error
 from serving.provenance import (SCHEMA_VERSION, AdapterUsed, ChunkUsed, ProvenanceLog, ProvenanceRecord,
                                 RetrievalUsed, Usage, new_provenance_id)
 from serving.releases import NotApproved, ReleaseBook
 
+UNAVAILABLE = "retrieval_unavailable"  # the error code of a knowledge store backend that is down
 ABSTAIN_MESSAGE = "I could not find anything relevant to this question in the knowledge base {kb!r}."
 
 
@@ -42,6 +45,23 @@ class Stage:
 
     async def failed(self, answer: Answer, error) -> None:
         """Runs when the request fails (`error` is the APIError it answers with)."""
+
+
+class Authorize(Stage):
+    """The API key's scope over what the request names (the adapter, NAME or NAME@vN, and the
+    store), checked before either is looked up: a name outside the scope reveals nothing."""
+
+    async def before(self, answer: Answer) -> None:
+        key, request = answer.key, answer.request
+        if key is None:
+            return
+        try:
+            if request.model != answer.base_model.id:
+                key.check_adapter(request.model.partition("@")[0])
+            if request.retrieval is not None:
+                key.check_kb(request.retrieval.kb)
+        except Forbidden as exc:
+            raise APIError(403, str(exc), "permission_error", code="forbidden") from None
 
 
 class ResolveModel(Stage):
@@ -78,21 +98,31 @@ class ResolveModel(Stage):
 
 class Retrieve(Stage):
     """The request's `retrieval`: search, keep what the relevance policy allows, put the
-    passages into the prompt with a versioned template (or abstain)."""
+    passages into the prompt with a versioned template (or abstain). Behind a circuit breaker:
+    while the backend is down, requests fail at once (503, Retry-After) or, where the policy
+    says so, are answered without context and say why."""
 
     def __init__(self, retriever, policy: RagPolicy):
         self.retriever = retriever
         self.policy = policy
+        self.breaker = CircuitBreaker(policy.breaker_failures, policy.breaker_reset_s)
 
     async def before(self, answer: Answer) -> None:
         options = answer.request.retrieval
         if options is None:
             return
-        started = time.perf_counter()
-        retrieved = await self.retriever.retrieve.remote(options.kb, answer.query, options.top_k, options.filters,
-                                                         inject_context())
-        answer.retrieval_ms = ms_since(started)
         policy = self.policy.merged(options)
+        started = time.perf_counter()
+        try:
+            retrieved = await self._search(answer, options)
+        except APIError as error:
+            if error.code != UNAVAILABLE or policy.on_unavailable == "fail":
+                raise
+            answer.retrieval_error = error.message
+            answer.span.set_attribute("tunefetch.retrieval.error", error.message)
+            return  # answered without context: grounded false, with the reason
+        finally:
+            answer.retrieval_ms = ms_since(started)
         answer.retrieved = replace(retrieved, hits=[h for h in retrieved.hits if h.score >= policy.min_score])
         answer.span.set_attribute("tunefetch.retrieval.relevant_hits", len(answer.retrieved.hits))
         if not answer.retrieved.hits:
@@ -104,6 +134,27 @@ class Retrieve(Stage):
         answer.prompt = ({"messages": template.chat(answer.prompt["messages"], texts)} if answer.chat
                          else {"text": template.completion(answer.prompt["text"], texts)})
         answer.prompt_template = template.version
+
+
+    async def _search(self, answer: Answer, options):
+        if not self.breaker.allow():
+            wait = self.breaker.retry_after_s()
+            raise APIError(503, f"the knowledge store backend is unavailable (circuit open: next try in {wait:.0f} s)",
+                           "server_error", code=UNAVAILABLE, retry_after_s=wait)
+        try:
+            result = await self.retriever.retrieve.remote(options.kb, answer.query, options.top_k, options.filters,
+                                                          inject_context())
+        except Exception as exc:  # noqa: BLE001 - classified: only an unavailable backend trips the breaker
+            error = as_api_error(exc)
+            if error.status == 503:
+                self.breaker.failure()
+                message = error.message if error.code == UNAVAILABLE else f"the retriever is unavailable ({error.message})"
+                error = APIError(503, message, "server_error", code=UNAVAILABLE, retry_after_s=error.retry_after_s)
+            else:
+                self.breaker.success()  # e.g. an unknown store: the backend answered
+            raise error from None
+        self.breaker.success()
+        return result
 
 
 class Generate(Stage):
@@ -137,13 +188,19 @@ class Generate(Stage):
 
 class Record(Stage):
     """The provenance record, fsynced before the response goes out (off the event loop, so
-    other requests go on)."""
+    other requests go on). No answer leaves without its record: when the log cannot be written
+    (disk full, read-only) the request fails with 503 and the answer is withheld (a stream,
+    already sent, ends with the error event instead of [DONE])."""
 
     def __init__(self, log: ProvenanceLog):
         self.log = log
 
     async def after(self, answer: Answer) -> None:
-        await asyncio.to_thread(self.log.append, provenance_record(answer))
+        try:
+            await asyncio.to_thread(self.log.append, provenance_record(answer))
+        except OSError as exc:
+            raise APIError(503, f"the provenance log cannot be written ({exc.strerror or exc}): the answer is "
+                                "withheld", "server_error", code="provenance_unavailable") from None
 
 
 class CanaryOutcome(Stage):
@@ -225,6 +282,8 @@ def provenance_record(answer: Answer) -> ProvenanceRecord:
                             run_id=adapter.record.run_id) if adapter else None,
         canary_arm=answer.arm,
         approval_id=answer.approval_id,
+        tenant=answer.key.tenant if answer.key else None,
+        key_id=answer.key.key_id if answer.key else None,
         card_hash=answer.card_hash,
         generator_replica=generation.replica,
         retrieval=None if retrieved is None else RetrievalUsed(
@@ -233,6 +292,7 @@ def provenance_record(answer: Answer) -> ProvenanceRecord:
                     for h in retrieved.hits]),
         prompt_template=answer.prompt_template,
         abstained=answer.abstained,
+        retrieval_error=answer.retrieval_error,
         output_hash=hashlib.sha256("\x1e".join(generation.texts).encode()).hexdigest(),
         usage=Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
     )
@@ -254,4 +314,4 @@ async def _replay(generation: Generation):
 def sampling_params(request, default_max_tokens: int) -> dict:
     return {"max_tokens": request.max_tokens or default_max_tokens, "min_tokens": request.min_tokens,
             "temperature": request.temperature, "top_p": request.top_p, "stop": request.stop, "seed": request.seed,
-            "n": request.n}
+            "n": request.n, "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty}

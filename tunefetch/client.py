@@ -28,6 +28,13 @@ class Client:
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
 
+    @classmethod
+    def for_config(cls, config, url: str | None = None) -> "Client":
+        """A client of the server `config` describes (or `url`), sending client.api_key if set."""
+        from cluster.config import secret_value
+
+        return cls(url or config.server_url, api_key=secret_value(config.client.api_key))
+
     def models(self) -> list[dict]:
         return self._call("GET", "/v1/models").json()["data"]
 

@@ -33,7 +33,7 @@ def run_comparison(args: Namespace, config: TunefetchConfig, console: Console) -
         stores.current(args.kb)  # an unknown store fails before anything starts
         with console.stage("1/4 the server", started):
             url = args.url or stack.enter_context(served_app(config))
-            client = Client(url)
+            client = Client.for_config(config, url)
             base = client.base_model()
             adapter = _exact_adapter(client, args.adapter)
             console.note(f"{url}: base {base}, adapter {adapter}, store {args.kb}@v{stores.current(args.kb)[1]}")

@@ -53,7 +53,7 @@ def run_demo(config: TunefetchConfig, console: Console) -> int:
                 url = app.enter_context(served_app(config))
                 console.note(url)
             with console.stage("5/5 ask through the HTTP API: base, rag, adapter, hybrid", started):
-                client = Client(url)
+                client = Client.for_config(config, url)
                 base = client.base_model()
                 for fact in sample_domain.facts()[:_QUESTIONS]:
                     console.result(f"\nQ: {fact.eval_question}   (expected: {fact.answer}; in {fact.doc_id})")

@@ -178,7 +178,7 @@ def system_card(args: Namespace, config: TunefetchConfig, console: Console) -> i
     from serving import card
     from tunefetch.client import Client
 
-    live = Client(args.url or f"http://{config.serving.host}:{config.serving.port}").system_card()
+    live = Client.for_config(config, args.url).system_card()
     facts = live["facts"]
     text = (card.render_markdown(facts) if args.format == "markdown"
             else json.dumps(card.render_cyclonedx(facts), indent=2))

@@ -43,10 +43,11 @@ def serve(args: Namespace, config: TunefetchConfig, console: Console) -> int:
 
         console.result(yaml.safe_dump(serve_config(config), sort_keys=False).rstrip())
         return 0
-    from serving.app import base_model_path
+    from serving.app import base_model_path, check_exposure
     from tunefetch.stack import served_app
 
     base_model_path(config)  # fail fast, before starting Ray
+    check_exposure(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -61,7 +62,7 @@ def query(args: Namespace, config: TunefetchConfig, console: Console) -> int:
     from retrieval.filters import parse_where
     from tunefetch.client import Client
 
-    client = Client(args.url or f"http://{config.serving.host}:{config.serving.port}")
+    client = Client.for_config(config, args.url)
     model = args.model or client.base_model()
     answer = client.chat(args.question, model, kb=args.kb, top_k=args.top_k, filters=parse_where(args.where),
                          max_tokens=args.max_tokens)
