@@ -24,8 +24,8 @@ from cluster.telemetry import inject_context, ms_since, trace_id_of, tracer
 from serving.answer import Answer
 from serving.canary import CANARY, SHADOW, Outcome
 from serving.circuit import CircuitBreaker
-from serving.keys import Forbidden
 from serving.generator import Generation
+from serving.keys import Forbidden
 from serving.prompts import CHAT_CONTEXT, COMPLETION_CONTEXT
 from serving.protocol import APIError, as_api_error
 from serving.provenance import (SCHEMA_VERSION, AdapterUsed, ChunkUsed, ProvenanceLog, ProvenanceRecord,

@@ -250,8 +250,18 @@ class AdapterRegistry:
             raise UserError(f"{redacted(self.uri)}: {location}/metadata.json is not an adapter record "
                             f"({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})") from None
 
-    def all(self) -> list[AdapterVersion]:
-        return [self.get(f"{n}@v{v}") for n in self.names() for v in self.versions(n)]
+    def all(self, unreadable: list[str] | None = None) -> list[AdapterVersion]:
+        """Every version whose record reads; a damaged one (a half-written or corrupt
+        metadata.json) is left out, with its reason appended to `unreadable`, so it never hides
+        the others."""
+        versions = []
+        for ref in (f"{n}@v{v}" for n in self.names() for v in self.versions(n)):
+            try:
+                versions.append(self.get(ref))
+            except (UserError, OSError) as exc:
+                if unreadable is not None:
+                    unreadable.append(f"{ref}: {exc}")
+        return versions
 
     def read_text(self, location: str, file: str) -> str:
         with self.fs.open_input_stream(f"{location}/{file}") as src:

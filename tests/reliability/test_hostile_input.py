@@ -129,3 +129,27 @@ def test_a_truncated_adapter_is_refused_with_the_reason_and_the_rest_keeps_servi
             assert _post(server, _chat(model=model)).status_code == 200
     finally:
         shutil.rmtree(home / "adapters" / "broken")  # the operator removes it; later tests list adapters
+
+
+def test_a_half_written_adapter_record_hides_nothing_else(server, home, adapter, cli, tmp_path):
+    """A version whose metadata.json is cut short is left out of /v1/models and `adapters list`
+    (with a warning naming it); asking for it is a 404 with the reason; the rest serves."""
+    from training.registry import AdapterRegistry
+
+    registry = AdapterRegistry(home / "adapters")
+    source = registry.get(adapter)
+    damaged = registry.register("damaged", registry.local_dir(source), source.record)
+    record = registry.local_dir(damaged) / "metadata.json"
+    try:
+        record.write_text(record.read_text()[:40])
+        models = httpx.get(f"{server}/v1/models", timeout=30)
+        assert models.status_code == 200 and adapter in {m["id"] for m in models.json()["data"]}
+        assert not any(m["id"].startswith("damaged") for m in models.json()["data"])
+        listing = cli("adapters", "list")
+        assert adapter in listing.stdout and "damaged" not in listing.stdout
+        assert "left out damaged@v1" in listing.stderr and "not an adapter record" in listing.stderr
+        response = _post(server, _chat(model=damaged.ref))
+        assert response.status_code == 404 and "not an adapter record" in response.json()["error"]["message"]
+        assert _post(server, _chat(model=adapter)).status_code == 200
+    finally:
+        shutil.rmtree(home / "adapters" / "damaged")

@@ -109,7 +109,10 @@ def submit_training(address: str, train_config: Path, home: Path | None, progres
 def adapters_list(args: Namespace, config: TunefetchConfig, console: Console) -> int:
     from training.registry import open_registry
 
-    versions = open_registry(config.registry_settings()).all()
+    unreadable: list[str] = []
+    versions = open_registry(config.registry_settings()).all(unreadable)
+    for problem in unreadable:
+        console.info(f"warning: left out {problem}")
     if args.json:
         console.json([v.record.model_dump(mode="json") for v in versions])
         return 0
