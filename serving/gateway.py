@@ -287,15 +287,19 @@ class Gateway:
         data = [{"id": base, "object": "model", "created": created, "owned_by": "tunefetch", "root": base,
                  "parent": None}]
         allowed = (lambda name: True) if key is None or key.adapters is None else set(key.adapters).__contains__
+        readable = set()
         for version in self.registry.all():
             if not allowed(version.name):
                 continue
+            readable.add(version.ref)
             data.append({"id": version.ref, "object": "model", "created": int(version.record.created_at),
                          "owned_by": "tunefetch", "root": version.name, "parent": base})
         for name in filter(allowed, self.registry.names()):
             try:  # the version NAME answers with now (its stable one); unlisted while none may serve
                 root = self.releases.stable(name)[0]
             except UserError:
+                continue
+            if root not in readable:  # its stable version's record is damaged: nothing to answer with
                 continue
             data.append({"id": name, "object": "model", "created": created, "owned_by": "tunefetch", "root": root,
                          "parent": base})

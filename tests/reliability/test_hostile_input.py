@@ -137,19 +137,20 @@ def test_a_half_written_adapter_record_hides_nothing_else(server, home, adapter,
     from training.registry import AdapterRegistry
 
     registry = AdapterRegistry(home / "adapters")
-    source = registry.get(adapter)
-    damaged = registry.register("damaged", registry.local_dir(source), source.record)
-    record = registry.local_dir(damaged) / "metadata.json"
+    source = registry.local_dir(registry.get(adapter))
+    damaged = home / "adapters" / "damaged" / "v1"  # as a writer that died mid-record leaves it
     try:
-        record.write_text(record.read_text()[:40])
+        shutil.copytree(source, damaged, ignore=shutil.ignore_patterns("metadata.json"))
+        (damaged / "metadata.json").write_text((source / "metadata.json").read_text()[:40])
         models = httpx.get(f"{server}/v1/models", timeout=30)
         assert models.status_code == 200 and adapter in {m["id"] for m in models.json()["data"]}
         assert not any(m["id"].startswith("damaged") for m in models.json()["data"])
         listing = cli("adapters", "list")
         assert adapter in listing.stdout and "damaged" not in listing.stdout
         assert "left out damaged@v1" in listing.stderr and "not an adapter record" in listing.stderr
-        response = _post(server, _chat(model=damaged.ref))
-        assert response.status_code == 404 and "not an adapter record" in response.json()["error"]["message"]
+        for model in ("damaged@v1", "damaged"):
+            response = _post(server, _chat(model=model))
+            assert response.status_code == 404 and "not an adapter record" in response.json()["error"]["message"]
         assert _post(server, _chat(model=adapter)).status_code == 200
     finally:
         shutil.rmtree(home / "adapters" / "damaged")
