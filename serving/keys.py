@@ -103,9 +103,11 @@ class KeyRing:
     def keys(self) -> dict[str, ApiKey]:
         """Every key by id, revoked ones included ({} when none was ever created)."""
         try:
-            mtime = self.path.stat().st_mtime_ns
+            st = self.path.stat()
         except FileNotFoundError:
             return {}
+        # The inode too: a mounted Kubernetes Secret changes by swapping the file behind a symlink.
+        mtime = (st.st_mtime_ns, st.st_ino, st.st_size)
         with self._guard:
             if self._cache and self._cache[0] == mtime:
                 return self._cache[1]

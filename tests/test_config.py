@@ -63,3 +63,19 @@ def test_the_serve_config_for_kuberay_is_valid_and_builds_the_same_app(tmp_path,
     assert isinstance(app_builder(app.args), Application)
     with pytest.raises(UserError, match="milvus_uri"):
         app_builder({"config": {}})
+
+
+def test_the_vm_cluster_launcher_files_are_valid_for_ray_and_tunefetch():
+    """cluster/launcher: Ray's own schema accepts the launcher YAML, tunefetch's config model the
+    config every node reads, and the two agree on where state lives."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    launcher = Path(__file__).resolve().parents[1] / "cluster" / "launcher"
+    cluster = yaml.safe_load((launcher / "aws.yaml").read_text())
+    validate_config(prepare_config(cluster))
+    config = load_config(launcher / "tunefetch.yaml")
+    assert config.ray.address == "auto" and config.ray.storage_path.startswith("s3://")
+    assert str(config.home).startswith("/mnt/shared/") and config.serving.generator.num_gpus == 1
+    assert "/etc/tunefetch/tunefetch.yaml" in cluster["file_mounts"]
+    assert any("/mnt/shared:/mnt/shared" in option for option in cluster["docker"]["run_options"])

@@ -74,6 +74,31 @@ def test_a_change_by_another_process_is_seen_on_the_next_check(ring, tmp_path):
     assert ring.authenticate(f"Bearer {token}").tenant == "acme"
 
 
+def test_a_mounted_secret_updated_by_the_kubelet_is_seen_on_the_next_check(tmp_path):
+    """A Secret volume holds keys.json -> ..data/keys.json, ..data -> a timestamped directory that
+    the kubelet replaces whole; the gateway reads through the link (serving.keys_file)."""
+    admin = KeyRing(tmp_path / "admin" / "keys.json")  # where the operator runs `keys create`
+    _, acme = admin.create("acme")
+    mount = tmp_path / "mount"
+    mount.mkdir()
+
+    def publish(version: str) -> None:  # what the kubelet does when the Secret changes
+        (mount / version).mkdir()
+        (mount / version / "keys.json").write_bytes(admin.path.read_bytes())
+        (mount / "..data_tmp").symlink_to(version)
+        os.replace(mount / "..data_tmp", mount / "..data")
+
+    publish("..2026_12_03_01")
+    (mount / "keys.json").symlink_to("..data/keys.json")
+    gateway = KeyRing(mount / "keys.json")
+    key = gateway.authenticate(f"Bearer {acme}")
+    assert key.tenant == "acme"
+    admin.revoke(key.key_id)
+    publish("..2026_12_03_02")
+    with pytest.raises(Unauthenticated):
+        gateway.authenticate(f"Bearer {acme}")
+
+
 def test_an_unreadable_keys_file_fails_closed(ring):
     _, token = ring.create("acme")
     good = ring.path.read_text()

@@ -64,7 +64,7 @@ def run_training(train: TrainConfig, config: TunefetchConfig,
         torch_config=torch_config,
         run_config=RunConfig(
             name=run_id,
-            storage_path=str(config.paths.runs),
+            storage_path=config.ray.storage_path or str(config.paths.runs),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # DeepSpeed JIT-builds ops with ninja/g++: the workers need this venv's bin on PATH.

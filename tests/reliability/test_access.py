@@ -8,6 +8,10 @@ of the suite runs keyless.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import httpx
@@ -144,6 +148,23 @@ def test_the_cli_sends_its_configured_key(server, tenants, cli):
     assert denied.returncode != 0 and "403" in denied.stderr and len(denied.stderr.strip().splitlines()) == 1
     listed = cli("keys", "list").stdout
     assert tenants["acme"].key_id in listed and "admin" in listed and "tfk_" not in listed
+
+
+def test_the_charts_smoke_check_uses_its_key_and_reports_keys_in_force_without_one(server, tenants):
+    """`python -m tunefetch.smoke URL`, what the Helm chart's `helm test` pod runs."""
+    def smoke(url: str, token: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "TUNEFETCH_CLIENT__API_KEY"}
+        env |= {"TUNEFETCH_CLIENT__API_KEY": token} if token else {}
+        return subprocess.run([sys.executable, "-m", "tunefetch.smoke", url], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    keyed = smoke(server, tenants["acme"].token)
+    assert keyed.returncode == 0 and "ok: /healthz 200" in keyed.stdout, keyed.stderr
+    assert re.search(r"ok: /v1/models 200: \d+ models \(tiny-llama first\)", keyed.stdout)
+    keyless = smoke(server, None)
+    assert keyless.returncode == 0 and "401 without a key" in keyless.stdout
+    wrong = smoke(server, "tfk_000000000000_" + "x" * 43)
+    assert wrong.returncode == 1 and "/v1/models answered 401" in wrong.stderr
 
 
 def test_a_revoked_key_stops_at_the_next_request_and_a_broken_keys_file_fails_closed(server, tenants, cli):
