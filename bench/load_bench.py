@@ -119,15 +119,16 @@ async def _one(client, path: str, body: dict, report: LoadReport) -> None:
         report.statuses["no answer"] = report.statuses.get("no answer", 0) + 1
         return
     status = str(response.status_code)
-    report.statuses[status] = report.statuses.get(status, 0) + 1
     if response.status_code == 200 and body.get("stream") and b"data: [DONE]" not in raw:
-        # A stream that failed after its first bytes ends with an error event instead of [DONE].
+        # A stream that failed after its first bytes ends with an error event instead of [DONE]:
+        # counted as that, not as a 200 (each request lands in exactly one bucket).
         error = _error_event(raw)
-        if error and error.get("code") in RETRYABLE_CODES:
-            report.statuses["stream error event"] = report.statuses.get("stream error event", 0) + 1
-        else:
+        status = "stream error event" if error and error.get("code") in RETRYABLE_CODES else "stream broken"
+        report.statuses[status] = report.statuses.get(status, 0) + 1
+        if status == "stream broken":
             report.bad.append(f"{body['model']}: stream ended without [DONE] or a retryable error: {raw[-200:]!r}")
         return
+    report.statuses[status] = report.statuses.get(status, 0) + 1
     if response.status_code == 200:
         ids = _provenance_ids(raw, body.get("stream", False))
         if len(ids) != 1:
