@@ -167,6 +167,15 @@ class RagPolicy(_Section):
         return self.model_copy(update=overrides)
 
 
+class CacheConfig(_Section):
+    """Per-replica caches, bounded (LRU) and never stale by construction (retrieval/cache.py)."""
+
+    retrieval: bool = Field(False, description="Cache query vectors and search results, keyed by the store "
+                                               "version the alias points at: a new version or rollback never "
+                                               "serves an old hit.")
+    max_entries: int = Field(4096, ge=1, description="Entries per cache in each retriever replica.")
+
+
 class ServingConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 inside a pod).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
@@ -184,6 +193,7 @@ class ServingConfig(_Section):
     keys_file: Path | None = Field(None, description="API keys file; empty uses HOME/keys.json (e.g. a mounted "
                                                      "Kubernetes Secret; it is re-read when it changes).")
     rag: RagPolicy = RagPolicy()
+    cache: CacheConfig = CacheConfig()
 
 
 class ClientConfig(_Section):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cluster.config import secret_value
 from cluster.errors import NotFound, UserError
+from retrieval.cache import StoreVersion
 from retrieval.chunking import Chunk
 from retrieval.filters import build_filter
 from retrieval.milvus_endpoint import MilvusAddress, pid_alive
@@ -29,6 +30,7 @@ from retrieval.milvus_endpoint import MilvusAddress, pid_alive
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _VERSION_SUFFIX = re.compile(r"^(?P<name>.+)__v(?P<version>\d+)$")
 _META_KEY = "tunefetch.meta"
+_NEXT_KEY = "tunefetch.next_version"  # on the serving version, after a drop: the next free number
 _INSERT_BATCH = 512
 _QUERY_BATCH = 256
 # A "writing" version from another host is only presumed dead after this long.
@@ -95,6 +97,7 @@ class SearchResult:
     collection: str  # the physical collection the alias resolved to for this search
     kb_version: int
     hits: list["Hit"]
+    cached: bool = False  # answered from the retriever's cache (retrieval/cache.py)
 
     def to_json(self) -> dict:
         return {"kb": self.kb, "collection": self.collection, "kb_version": self.kb_version,
@@ -163,8 +166,16 @@ class KnowledgeStores:
                 infos.append(VersionInfo(name, collection, collection == current, record))
         return infos
 
-    def search(self, name: str, vector: np.ndarray, top_k: int, filters: dict | None = None) -> SearchResult:
+    def resolve(self, name: str) -> StoreVersion:
+        """The physical version `name` serves now, with its creation time (its identity)."""
         collection, version = self.current(name)
+        record = self._record(collection)
+        return StoreVersion(collection, version, record.created_at if record else 0)
+
+    def search(self, name: str, vector: np.ndarray, top_k: int, filters: dict | None = None,
+               at: StoreVersion | None = None) -> SearchResult:
+        """Top hits in the version `name` serves now, or in `at` (resolved by the caller)."""
+        collection, version = (at.collection, at.version) if at else self.current(name)
         self._ensure_loaded(collection)
         try:
             hits = self._search(collection, vector, top_k, filters)
@@ -215,7 +226,7 @@ class KnowledgeStores:
         the newest `keep` versions (never the current one)."""
         validate_name(name)
         # Numbered before abandoned writes are dropped: a number is never used twice.
-        version = max(self._version_numbers(name), default=0) + 1
+        version = self._next_version(name)
         self.drop_abandoned(name)
         collection = collection_name(name, version)
         # Marked "writing" with its writer: a crashed ingest is recognised and cleaned up later.
@@ -300,9 +311,18 @@ class KnowledgeStores:
             raise UserError(f"{name}@v{version} is the current version: roll back before dropping it")
         if version not in self._version_numbers(name):
             raise NotFound(f"{name} has no version v{version}")
+        # The serving version remembers the next free number, so that a dropped newest version's
+        # number is never handed out again (readers and caches key on collection names).
+        self.client.alter_collection_properties(collection, properties={_NEXT_KEY: str(self._next_version(name))})
         self.client.drop_collection(collection_name(name, version))
 
     # -- internals --------------------------------------------------------------------------
+    def _next_version(self, name: str) -> int:
+        numbers = self._version_numbers(name)
+        marks = [int(self.client.describe_collection(collection_name(name, n), **self._rpc)
+                     .get("properties", {}).get(_NEXT_KEY, 0)) for n in numbers]
+        return max([max(numbers, default=0) + 1, *marks])
+
     def _version_numbers(self, name: str) -> list[int]:
         numbers = []
         for c in self.client.list_collections():
@@ -322,7 +342,7 @@ class KnowledgeStores:
     def _record(self, collection: str) -> StoreVersionRecord | None:
         """The version's record; None for a collection without a readable one (not written by
         tunefetch, or damaged): never listed as a version, never dropped."""
-        props = self.client.describe_collection(collection).get("properties") or {}
+        props = self.client.describe_collection(collection, **self._rpc).get("properties") or {}
         try:
             return StoreVersionRecord.model_validate_json(props.get(_META_KEY, ""))
         except ValidationError:

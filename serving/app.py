@@ -34,7 +34,8 @@ def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
     generator = Generator.options(**deployment_options(serving.generator, engine_env(serving))).bind(
         serving.engine, serving.generator, registry, telemetry, str(model_path), base_model.id)
     retriever = Retriever.options(**deployment_options(serving.retriever)).bind(
-        milvus, config.retrieval.top_k, telemetry, serving.rag.search_timeout_s)
+        milvus, config.retrieval.top_k, telemetry, serving.rag.search_timeout_s,
+        serving.cache.max_entries if serving.cache.retrieval else None)
     paths = config.paths
     home = {"provenance": str(paths.provenance), "releases": str(paths.releases), "approvals": str(paths.approvals),
             "keys": str(paths.keys)}

@@ -129,7 +129,7 @@ class Gateway:
         self.tracer = tracer("tunefetch.gateway")
         self.retriever, self.generator = retriever, generator
         self.settings = (serving, telemetry, governance)
-        self.measure = Measure()
+        self.measure = Measure(cache_on=serving.cache.retrieval)
         generate = Generate(generator, serving.default_max_tokens)
         # `after` hooks run in reverse: record, measure, count for the canary, then the shadow copy.
         recording: list[Stage] = [Record(self.provenance), self.measure, CanaryOutcome(self.releases)]

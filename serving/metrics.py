@@ -21,7 +21,8 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class Measure(Stage):
     """Counts every request, its latency, tokens, retrieval hits and abstentions."""
 
-    def __init__(self):
+    def __init__(self, cache_on: bool = False):
+        self.cache_on = cache_on
         self.registry = CollectorRegistry()
         labels = ("model", "arm")
         self.requests = Counter("tunefetch_requests", "Answered requests.", labels, registry=self.registry)
@@ -34,8 +35,8 @@ class Measure(Stage):
         self.hits = Counter("tunefetch_retrieval_hits", "Relevant passages retrieved.", ("kb",), registry=self.registry)
         self.abstentions = Counter("tunefetch_abstentions", "Answers declined for lack of relevant passages.",
                                    (*labels, "kb"), registry=self.registry)
-        self.cache_hits = Counter("tunefetch_retrieval_cache_hits", "Retrievals answered from the cache.",
-                                  ("kb",), registry=self.registry)
+        self.cache = Counter("tunefetch_retrieval_cache_lookups", "Retrievals with the cache on, by result "
+                             "(hit, miss).", ("kb", "result"), registry=self.registry)
 
     async def after(self, answer: Answer) -> None:
         model, arm = answer.model, answer.arm
@@ -45,6 +46,8 @@ class Measure(Stage):
         self.tokens.labels(model, arm, "completion").inc(answer.generation.completion_tokens)
         if answer.retrieved is not None:
             self.hits.labels(answer.retrieved.kb).inc(len(answer.retrieved.hits))
+            if self.cache_on:
+                self.cache.labels(answer.retrieved.kb, "hit" if answer.retrieved.cached else "miss").inc()
             if answer.abstained:
                 self.abstentions.labels(model, arm, answer.retrieved.kb).inc()
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from ray import serve
 
 from cluster.config import TelemetryConfig
 from cluster.errors import NotFound, UserError
 from cluster.telemetry import extract_context, setup_tracing, tracer
+from retrieval.cache import LRU, normalize_query, result_key
 from retrieval.embedding import Embedder
 from retrieval.milvus_endpoint import MilvusAddress
 from retrieval.store import KnowledgeStores, SearchResult
@@ -18,11 +20,14 @@ from serving.protocol import APIError
 @serve.deployment
 class Retriever:
     def __init__(self, milvus: MilvusAddress, default_top_k: int, telemetry: TelemetryConfig,
-                 search_timeout_s: float | None = None):
+                 search_timeout_s: float | None = None, cache_entries: int | None = None):
         setup_tracing(telemetry, "retriever")
         self.embedder = Embedder()
         self.stores = KnowledgeStores(milvus, search_timeout_s)
         self.default_top_k = default_top_k
+        # None: no cache. Else query vectors and results, bounded per replica (retrieval/cache.py).
+        self.vectors = LRU(cache_entries) if cache_entries else None
+        self.results = LRU(cache_entries) if cache_entries else None
 
     async def retrieve(self, kb: str, query: str, top_k: int | None, filters: dict | None, trace: dict) -> SearchResult:
         top_k = top_k or self.default_top_k
@@ -31,20 +36,49 @@ class Retriever:
             span.set_attribute("gen_ai.data_source.id", kb)
             span.set_attribute("gen_ai.retrieval.top_k", top_k)
             with tracer("tunefetch.retriever").start_as_current_span("embed"):
-                vector = (await asyncio.to_thread(self.embedder.encode, [query]))[0]
+                vector = await self._vector(query)
             with tracer("tunefetch.retriever").start_as_current_span("search") as search:
-                try:
-                    result = await asyncio.to_thread(self.stores.search, kb, vector, top_k, filters)
-                except UserError as exc:
-                    raise APIError(404 if isinstance(exc, NotFound) else 400, str(exc)) from None
-                except Exception as exc:  # noqa: BLE001 - the backend (Milvus) is down, slow or restarting
-                    reason = (str(exc).splitlines() or [""])[0][:200] or exc.__class__.__name__
-                    raise APIError(503, f"the knowledge store backend is unavailable: {reason}", "server_error",
-                                   code="retrieval_unavailable") from None
+                result = await self._backend(self._search, kb, vector, query, top_k, filters)
                 search.set_attribute("tunefetch.kb.collection", result.collection)
                 search.set_attribute("tunefetch.kb.version", result.kb_version)
                 search.set_attribute("tunefetch.retrieval.hits", len(result.hits))
+                search.set_attribute("tunefetch.retrieval.cached", result.cached)
             return result
+
+    async def _vector(self, query: str):
+        if self.vectors is None:
+            return (await asyncio.to_thread(self.embedder.encode, [query]))[0]
+        key = normalize_query(query)
+        vector = self.vectors.get(key)
+        if vector is None:
+            vector = (await asyncio.to_thread(self.embedder.encode, [key]))[0]
+            self.vectors.put(key, vector)
+        return vector
+
+    def _search(self, kb: str, vector, query: str, top_k: int, filters: dict | None) -> SearchResult:
+        if self.results is None:
+            return self.stores.search(kb, vector, top_k, filters)
+        at = self.stores.resolve(kb)  # per request: the key names the version serving now
+        key = result_key(at, query, filters, top_k)
+        cached = self.results.get(key)
+        if cached is not None:
+            return dataclasses.replace(cached, cached=True)
+        result = self.stores.search(kb, vector, top_k, filters, at=at)
+        self.results.put(key, result)
+        return result
+
+    @staticmethod
+    async def _backend(call, *args):
+        """`call` off the event loop, its failures as API errors: a bad store name or filter is
+        the caller's (404/400), anything else the backend's (503, the breaker counts it)."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except UserError as exc:
+            raise APIError(404 if isinstance(exc, NotFound) else 400, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the backend (Milvus) is down, slow or restarting
+            reason = (str(exc).splitlines() or [""])[0][:200] or exc.__class__.__name__
+            raise APIError(503, f"the knowledge store backend is unavailable: {reason}", "server_error",
+                           code="retrieval_unavailable") from None
 
     async def describe(self) -> list[dict]:
         """The serving version of every knowledge store, for the system card."""

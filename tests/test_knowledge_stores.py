@@ -149,3 +149,26 @@ def test_readers_see_one_whole_version_during_a_switch(cli, stores, small, corpu
         assert hit_versions == {version}
     order = [v for v, _ in seen]
     assert order == sorted(order)
+
+
+def test_a_dropped_version_number_is_never_handed_out_again(stores, small):
+    """Dropping the newest version (a trial version after a rollback) must not free its number:
+    readers, loaded-collection sets and the retrieval cache know versions by collection name."""
+    from cluster.config import RetrievalConfig
+    from retrieval.embedding import Embedder
+    from retrieval.ingest import ingest
+
+    embedder, name = Embedder(), "renumbered"
+
+    def new_version() -> int:
+        return ingest([str(small)], name, stores, embedder, RetrievalConfig(), incremental=False).version.version
+
+    assert [new_version() for _ in range(3)] == [1, 2, 3]
+    stores.rollback(name, 2)
+    stores.drop_version(name, 3)
+    stores.rollback(name, 1)  # the mark is on v2 now, and still counts
+    assert new_version() == 4
+    stores.rollback(name, 1)
+    stores.drop_version(name, 4)
+    stores.drop_version(name, 2)  # only v1 is left: its mark alone says 5
+    assert new_version() == 5

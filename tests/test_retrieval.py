@@ -41,13 +41,14 @@ def test_new_version_and_rollback(cli, ingested, tmp_path):
     current = int(ingested.split("@v")[1])
     (tmp_path / "memo.md").write_text("# Memo\n\n## Parking\n\nVisitor parking at Kestrel is in lot Q7.\n")
     newer = cli("ingest", str(tmp_path), "--kb", KB).stdout.strip().splitlines()[-1]
-    assert newer == f"{KB}@v{current + 1}"
+    # Numbers only grow; one may be skipped (eval compare's dropped trial version keeps its own).
+    assert newer.startswith(f"{KB}@v") and int(newer.split("@v")[1]) > current
     assert top_doc_ids(cli, "Where is visitor parking?") == ["memo"]
     assert cli("kb", "rollback", KB).stdout.strip() == f"{KB}@v{current}"
     assert "memo" not in top_doc_ids(cli, "Where is visitor parking?")
     versions = cli("kb", "versions", KB).stdout.splitlines()
     assert any(line.startswith(f"* v{current}") for line in versions)
-    assert any(line.strip().startswith(f"v{current + 1}") for line in versions)
+    assert any(line.strip().startswith(f"v{newer.split('@v')[1]}") for line in versions)
     assert f"{KB}\tv{current}" in cli("kb", "list").stdout
 
 
