@@ -33,6 +33,9 @@ class Measure(Stage):
         self.tokens = Counter("tunefetch_tokens", "Tokens, by kind (prompt, completion).", (*labels, "kind"),
                               registry=self.registry)
         self.hits = Counter("tunefetch_retrieval_hits", "Relevant passages retrieved.", ("kb",), registry=self.registry)
+        self.retrieval_latency = Histogram("tunefetch_retrieval_latency_seconds", "Retrieval calls as the gateway "
+                                           "saw them (embed, resolve, search).", ("kb",), buckets=_LATENCY_BUCKETS,
+                                           registry=self.registry)
         self.abstentions = Counter("tunefetch_abstentions", "Answers declined for lack of relevant passages.",
                                    (*labels, "kb"), registry=self.registry)
         self.cache = Counter("tunefetch_retrieval_cache_lookups", "Retrievals with the cache on, by result "
@@ -46,6 +49,8 @@ class Measure(Stage):
         self.tokens.labels(model, arm, "completion").inc(answer.generation.completion_tokens)
         if answer.retrieved is not None:
             self.hits.labels(answer.retrieved.kb).inc(len(answer.retrieved.hits))
+            if answer.retrieval_ms is not None:
+                self.retrieval_latency.labels(answer.retrieved.kb).observe(answer.retrieval_ms / 1000)
             if self.cache_on:
                 self.cache.labels(answer.retrieved.kb, "hit" if answer.retrieved.cached else "miss").inc()
             if answer.abstained:

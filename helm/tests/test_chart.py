@@ -226,6 +226,14 @@ def test_the_bundled_milvus_path_is_reachable_only_from_the_release_and_scraped_
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
 
 
+def test_the_dashboard_ships_as_a_configmap_for_grafanas_sidecar():
+    (config_map,) = [c for c in objects(CHART / "ci" / "cpu-values.yaml", "ConfigMap")
+                     if c["metadata"]["name"] == "rel-tunefetch-dashboard"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "dashboards" / "tunefetch.json").read_text())
+    assert json.loads(config_map["data"]["tunefetch.json"]) == shipped
+
+
 def test_the_training_path_runs_tunefetch_train_as_a_rayjob_with_shared_checkpoints():
     from training.config import TrainConfig
 
