@@ -212,7 +212,11 @@ def test_the_external_milvus_path_takes_its_uri_and_every_secret_from_secrets():
                  "TUNEFETCH_TELEMETRY__HEADERS"):
         assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "tunefetch-secrets"
     (policy, *_) = objects(values, "NetworkPolicy")
-    assert policy["spec"]["ingress"][1]["from"][0]["namespaceSelector"]
+    serve, metrics = policy["spec"]["ingress"][1:]
+    assert serve["ports"][0]["port"] == 8000 and serve["from"][0]["namespaceSelector"]["matchLabels"] == \
+        {"kubernetes.io/metadata.name": "apps"}
+    assert metrics["ports"][0]["port"] == 8080 and metrics["from"][0]["namespaceSelector"]["matchLabels"] == \
+        {"kubernetes.io/metadata.name": "monitoring"}
 
 
 def test_the_bundled_milvus_path_is_reachable_only_from_the_release_and_scraped_with_a_key():
