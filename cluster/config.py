@@ -12,6 +12,7 @@ and are left out of every dump meant for people or manifests.
 from __future__ import annotations
 
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -194,6 +195,8 @@ class ServingConfig(_Section):
                                                      "Kubernetes Secret; it is re-read when it changes).")
     rag: RagPolicy = RagPolicy()
     cache: CacheConfig = CacheConfig()
+    record_text: bool = Field(True, description="Provenance records keep the question and the answer text (the "
+                                                "review queue and the drift monitor read them); false keeps hashes only.")
 
 
 class ClientConfig(_Section):
@@ -233,6 +236,42 @@ class CanaryPolicy(_Section):
         return steps
 
 
+class MonitorConfig(_Section):
+    """Drift and freshness of what is served, and which answers a person should review."""
+
+    window: int = Field(200, ge=20, description="Answers per window: the reference is a store's (or adapter's) "
+                                                "first window in the log, compared with its latest.")
+    alpha: float = Field(0.01, gt=0, lt=0.5, description="False alarm bound per group and look (split over its "
+                                                         "tests, Bonferroni).")
+    permutations: int = Field(1000, ge=100, le=20000, description="Permutations of the query-embedding test "
+                                                                  "(its smallest p-value is 1/(permutations+1)).")
+    lookback_days: float = Field(7, gt=0, description="Answers the server's drift checks look at (`tunefetch "
+                                                      "monitor` reads all, or --since).")
+    interval_s: float = Field(300, ge=0, description="Seconds between the server's own drift checks (0: off; "
+                                                     "`tunefetch monitor` works either way).")
+    review_below_score: float = Field(0.3, ge=-1, le=1, description="Grounded answers whose best passage "
+                                                                    "scored below this enter the review queue.")
+    negative_feedback_below: float = Field(0.5, gt=0, le=1, description="Feedback scores below this are negative: "
+                                                                        "the answer enters the review queue.")
+    kpis: list[str] = Field(default_factory=list, description="Business KPIs clients may post per answer "
+                                                              "(e.g. resolved_without_escalation).")
+
+    @model_validator(mode="after")
+    def _permutations_can_reach_the_level(self):
+        if 1 / (self.permutations + 1) > self.alpha / 4:  # four tests share alpha on a store
+            raise ValueError(f"permutations: {self.permutations} cannot give a p-value at or under alpha/4 = "
+                             f"{self.alpha / 4:g}; use at least {int(4 / self.alpha)}")
+        return self
+
+    @field_validator("kpis")
+    @classmethod
+    def _kpi_names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", n)]
+        if bad:
+            raise ValueError(f"KPI names are lower-case identifiers (a-z, 0-9, _): {bad}")
+        return names
+
+
 class GovernanceConfig(_Section):
     require_approval: bool = Field(False, description="Serving a version as stable, and promoting a canary, need "
                                                       "a valid approval record.")
@@ -248,6 +287,7 @@ class GovernanceConfig(_Section):
                                                      "(owners, intended_use, limitations, ethical_considerations, "
                                                      "contact).")
     canary: CanaryPolicy = CanaryPolicy()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 class TunefetchConfig(BaseSettings):
@@ -346,6 +386,16 @@ class HomePaths:
     @property
     def approvals(self) -> Path:
         return self.home / "approvals"
+
+    @property
+    def feedback(self) -> Path:
+        """Feedback and KPI events per answer (append-only; the latest per answer and key wins)."""
+        return self.home / "feedback"
+
+    @property
+    def reviews(self) -> Path:
+        """Decisions of the review queue (resolved with a correction, or dismissed)."""
+        return self.home / "reviews"
 
     @property
     def keys(self) -> Path:

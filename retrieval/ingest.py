@@ -11,6 +11,7 @@ from cluster.errors import UserError
 from retrieval.chunking import chunk_document
 from retrieval.documents import load_documents
 from retrieval.embedding import MODEL_NAME, Embedder
+from retrieval.freshness import MAX_SOURCES, source_hashes
 from retrieval.store import KnowledgeStores, VersionInfo, validate_name
 
 Progress = Callable[[str], None]
@@ -56,9 +57,10 @@ def ingest(paths: list[str], name: str, stores: KnowledgeStores, embedder: Embed
     reused = stores.reusable_vectors(name, [c.chunk_id for c in chunks], MODEL_NAME) if incremental else {}
     progress(f"{len(report.documents)} documents -> {len(chunks)} chunks ({len(reused)} unchanged, reused)")
     embedded = 0
-    sources = sorted({d.source for d in report.documents})[:200]
+    sources = sorted({d.source for d in report.documents})[:MAX_SOURCES]
     with stores.new_version(name, embedder.dim, MODEL_NAME, len(report.documents), sources,
-                            chunking=(config.chunk_tokens, config.chunk_overlap), keep=config.keep_versions) as writer:
+                            chunking=(config.chunk_tokens, config.chunk_overlap), keep=config.keep_versions,
+                            source_hashes=source_hashes(sources)) as writer:
         for start in range(0, len(chunks), _BATCH):
             batch = chunks[start:start + _BATCH]
             fresh = [c for c in batch if c.chunk_id not in reused]

@@ -65,6 +65,7 @@ class StoreVersionRecord(BaseModel):
     chunk_overlap: int | None = None
     documents: int = 0
     sources: list[str] = []
+    source_hashes: dict[str, str] = {}  # source -> SHA-256 of its file at ingest (retrieval/freshness.py)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,8 @@ class KnowledgeStores:
     # -- writing ----------------------------------------------------------------------------
     @contextmanager
     def new_version(self, name: str, dim: int, embedder: str, documents: int, sources: list[str],
-                    chunking: tuple[int, int] | None = None, keep: int = 0) -> Iterator["VersionWriter"]:
+                    chunking: tuple[int, int] | None = None, keep: int = 0,
+                    source_hashes: dict[str, str] | None = None) -> Iterator["VersionWriter"]:
         """A writer for the next version of `name`. On a clean exit the version is flushed,
         loaded, its row count verified, marked ready, and only then the alias moves to it;
         any exception (or Ctrl-C) drops the partial collection. `keep` > 0 then drops all but
@@ -233,7 +235,7 @@ class KnowledgeStores:
         record = StoreVersionRecord(schema_version=SCHEMA_VERSION, version=version, created_at=int(time.time()),
                                     state="writing", writer=Writer(pid=os.getpid(), host=socket.gethostname()),
                                     embedder=embedder, documents=documents, sources=sources,
-                                    chunk_tokens=chunking[0] if chunking else None,
+                                    source_hashes=source_hashes or {}, chunk_tokens=chunking[0] if chunking else None,
                                     chunk_overlap=chunking[1] if chunking else None)
         self._create_collection(collection, dim, record)
         writer = VersionWriter(self, name, collection, version, record.created_at)

@@ -28,6 +28,7 @@ class Answer:
     started: float
     adapter: AdapterVersion | None = None  # None: the base model answers
     retrieved: object | None = None  # retrieval.store.SearchResult, relevant hits only
+    top_scores: list[float] = field(default_factory=list)  # every hit's score, before the relevance cut
     prompt_template: str | None = None  # version of the template that put passages in the prompt
     retrieval_error: str | None = None  # the backend was down and the policy said: answer without context
     abstained: bool = False  # nothing relevant was retrieved and the policy is to abstain

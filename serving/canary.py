@@ -5,7 +5,9 @@ candidate. The point never changes, so raising the weight only moves callers fro
 canary, never back, and a caller sees one arm for as long as the weight holds.
 
 Analysis: vLLM has no per-adapter metrics, so the evidence is tunefetch's own record of every
-answer on either arm (`Outcome`: error, latency, abstained, cited its passages). Each metric is
+answer on either arm (`Outcome`: error, latency, abstained, cited its passages), and of the
+feedback and KPIs clients post about those answers later (negative feedback rate, and per KPI
+the rate of answers that missed it). Each metric is
 a one-sided question "is the canary worse?" answered by a mixture sequential probability ratio
 test (mSPRT; Johari et al., "Always valid inference", 2017): its p-value stays valid however
 often it is looked at, so the analysis runs after every answer and still rolls back a
@@ -39,10 +41,13 @@ def assign(name: str, key: str, weight: float) -> str:
 
 
 class Outcome(BaseModel):
-    """One answer (or failure) on one arm of a canary."""
+    """One answer (or failure) on one arm of a canary, or feedback posted later about one."""
 
     arm: str
-    ok: bool
+    ok: bool = True
+    kind: str = "answer"  # "answer" | "feedback" (a score or KPIs about an earlier answer of this arm)
+    feedback: float | None = None  # the feedback score in [0, 1]
+    kpis: dict[str, float] = {}  # KPI name -> value in [0, 1] (1: achieved)
     latency_ms: float | None = None
     abstained: bool | None = None  # None: no retrieval in the request
     cited: bool | None = None  # a retrieval answer citing at least one passage; None otherwise
@@ -55,8 +60,13 @@ class Metric:
     name: str
     margin: float  # how much worse the canary may be before it counts as harm
     tau: float  # mixture width: the size of difference the test is tuned to
+    threshold: float = 0.5  # negative_feedback_rate: scores below this are negative
 
     def value(self, outcome: Outcome) -> float | None:
+        if outcome.kind == "feedback":
+            return self._feedback_value(outcome)
+        if self.name == "negative_feedback_rate" or self.name.startswith(KPI_PREFIX):
+            return None
         if self.name == "error_rate":
             return 0.0 if outcome.ok else 1.0
         if not outcome.ok:
@@ -69,12 +79,25 @@ class Metric:
             return None if outcome.cited is None or outcome.abstained else float(not outcome.cited)
         raise ValueError(self.name)
 
+    def _feedback_value(self, outcome: Outcome) -> float | None:
+        if self.name == "negative_feedback_rate":
+            return None if outcome.feedback is None else float(outcome.feedback < self.threshold)
+        kpi = self.name.removeprefix(KPI_PREFIX)
+        if self.name.startswith(KPI_PREFIX) and kpi in outcome.kpis:
+            return 1.0 - min(max(outcome.kpis[kpi], 0.0), 1.0)
+        return None
 
-def metrics(policy: CanaryPolicy) -> list[Metric]:
+
+KPI_PREFIX = "kpi_missed:"  # a KPI metric: the rate of answers that did not achieve it
+
+
+def metrics(policy: CanaryPolicy, kpis: tuple[str, ...] = (), negative_below: float = 0.5) -> list[Metric]:
     latency_margin = math.log1p(policy.latency_margin)
     return [Metric("error_rate", 0.0, policy.effect_size), Metric("abstain_rate", 0.0, policy.effect_size),
             Metric("uncited_rate", 0.0, policy.effect_size),
-            Metric("log_latency", latency_margin, max(latency_margin, policy.effect_size))]
+            Metric("log_latency", latency_margin, max(latency_margin, policy.effect_size)),
+            Metric("negative_feedback_rate", 0.0, policy.effect_size, negative_below),
+            *(Metric(KPI_PREFIX + kpi, 0.0, policy.effect_size) for kpi in kpis)]
 
 
 @dataclass
@@ -115,9 +138,9 @@ class Moments:
 class Tally:
     """Running moments of every metric on both arms, so a look costs the same at any length."""
 
-    def __init__(self, policy: CanaryPolicy, outcomes=()):
+    def __init__(self, policy: CanaryPolicy, outcomes=(), kpis: tuple[str, ...] = (), negative_below: float = 0.5):
         self.policy = policy
-        self.metrics = metrics(policy)
+        self.metrics = metrics(policy, kpis, negative_below)
         self.moments = {(m.name, arm): Moments() for m in self.metrics for arm in (STABLE, CANARY)}
         self.answers = {STABLE: 0, CANARY: 0}
         for outcome in outcomes:
@@ -126,7 +149,7 @@ class Tally:
     def add(self, outcome: Outcome) -> None:
         if outcome.arm not in self.answers:
             return
-        self.answers[outcome.arm] += 1
+        self.answers[outcome.arm] += outcome.kind == "answer"
         for metric in self.metrics:
             value = metric.value(outcome)
             if value is not None:
@@ -137,6 +160,8 @@ class Tally:
         for metric in self.metrics:
             s, c = self.moments[metric.name, STABLE], self.moments[metric.name, CANARY]
             p = msprt_p_value(s, c, metric.margin, metric.tau, binary=metric.name != "log_latency")
+            if metric.name.startswith(KPI_PREFIX) and not (s.n or c.n):
+                continue  # a KPI nobody has posted yet is not shown
             results.append(Comparison(metric.name, s.n, c.n, s.mean, c.mean, p))
         return results
 
@@ -175,7 +200,7 @@ def analyse(tally: Tally, step_canary_answers: int) -> Verdict:
     if min(n_stable, n_canary) < policy.min_samples:
         return Verdict("continue", f"collecting: {n_canary} canary / {n_stable} stable answers "
                                    f"(a decision needs {policy.min_samples} each)", comparisons)
-    level = policy.alpha / len(comparisons)
+    level = policy.alpha / len(tally.metrics)
     harmed = [c for c in comparisons if c.p_value <= level]
     if harmed:
         worst = min(harmed, key=lambda c: c.p_value)

@@ -19,9 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import GovernanceConfig, RegistryConfig, ServingConfig, TelemetryConfig
 from cluster.errors import NotFound, UserError
-from cluster.telemetry import extract_context, setup_tracing, traceparent_of, tracer
+from cluster.telemetry import extract_context, setup_tracing, trace_id_of, traceparent_of, tracer
+from retrieval.cache import LRU
 from serving import card, card_facts
+from serving import monitor as drift_monitor
 from serving.answer import Answer, sse, usage
+from serving.canary import Outcome
+from serving.feedback import FeedbackEvent, FeedbackLog, FeedbackRequest, feedback_id
 from serving.generator import Generation
 from serving.keys import ApiKey, Forbidden, KeyRing, KeysUnavailable
 from serving.metrics import Measure, only_series
@@ -35,6 +39,7 @@ from training.approvals import ApprovalStore
 from training.local_model import ModelIdentity
 from training.registry import open_registry
 
+MONITOR_REUSE_S = 5.0  # GET /v1/admin/monitor answers with a report at most this old
 CARD_REFRESH_S = 10.0  # the card hash stamped on answers is at most this old (and fresh after a release change)
 
 api = FastAPI(title="tunefetch", description="OpenAI-compatible API with retrieval, citations and provenance.")
@@ -126,13 +131,16 @@ class Gateway:
         self.max_request_bytes = serving.max_request_bytes
         self.keys, self.public_metrics = KeyRing(home["keys"]), serving.public_metrics
         self.provenance = ProvenanceLog(home["provenance"])
+        self.feedback = FeedbackLog(home["feedback"])
+        self.monitor = governance.monitor
+        self._in_flight: dict[str, Answer] = {}  # provenance id and trace id -> an answer whose record is not written yet
         self.tracer = tracer("tunefetch.gateway")
         self.retriever, self.generator = retriever, generator
         self.settings = (serving, telemetry, governance)
         self.measure = Measure(cache_on=serving.cache.retrieval)
         generate = Generate(generator, serving.default_max_tokens)
         # `after` hooks run in reverse: record, measure, count for the canary, then the shadow copy.
-        recording: list[Stage] = [Record(self.provenance), self.measure, CanaryOutcome(self.releases)]
+        recording: list[Stage] = [Record(self.provenance, serving.record_text), self.measure, CanaryOutcome(self.releases)]
         self.stages: list[Stage] = [
             Authorize(),
             ResolveModel(self.releases),
@@ -141,6 +149,10 @@ class Gateway:
             generate,
             *reversed(recording),
         ]
+        self._drift_task: asyncio.Task | None = None
+        self._drift_lock = asyncio.Lock()
+        self._drift_report = None
+        self._vectors = LRU(8192)  # question -> vector, across drift checks
         self.card_hash: str | None = None
         self._card_at, self._card_changes = 0.0, ()
         self._card_lock = asyncio.Lock()
@@ -186,6 +198,17 @@ class Gateway:
             raise APIError(503, "the knowledge store backend did not answer: the card cannot describe the stores",
                            "server_error", code="retrieval_unavailable") from None
         return {"card_hash": card.card_hash(facts), "facts": facts}
+
+    @api.get("/v1/admin/monitor")
+    async def monitor_report(self, request: Request):
+        """Drift and freshness now (what /metrics shows after the next periodic check)."""
+        self._key(request, admin="monitor")
+        try:
+            report = await self.check_drift(reuse_s=MONITOR_REUSE_S)
+        except Exception as exc:  # noqa: BLE001 - the store backend or the retriever is down
+            raise APIError(503, f"the drift check failed: {as_api_error(exc).message}", "server_error",
+                           code="monitor_unavailable") from None
+        return report.to_json()
 
     @api.get("/v1/admin/canary")
     async def canaries(self, request: Request):
@@ -265,6 +288,51 @@ class Gateway:
             except Exception:  # noqa: BLE001 - a stale hash is better than no answer
                 pass
 
+    # -- drift and freshness --------------------------------------------------------------------
+    def _watch_drift(self) -> None:
+        """Starts the periodic drift and freshness check (once; on the first request)."""
+        if self.monitor.interval_s and self._drift_task is None:
+            self._drift_task = asyncio.create_task(self._drift_loop())
+
+    async def _drift_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.monitor.interval_s)
+            try:
+                await self.check_drift()
+            except Exception:  # noqa: BLE001 - a failed check leaves the last numbers; the next one retries
+                pass
+
+    async def check_drift(self, reuse_s: float = 0.0):
+        """One look: the report of serving/monitor.py over the last `lookback_days`, into
+        /metrics. Looks run one at a time; a report younger than `reuse_s` is returned as is
+        (callers hammering the admin endpoint share one)."""
+        async with self._drift_lock:
+            last = self._drift_report
+            if last is not None and time.time() - last.time < reuse_s:
+                return last
+            self._drift_report = await self._look()
+            return self._drift_report
+
+    async def _look(self):
+        freshness = await self.retriever.freshness.remote()
+        since = time.time() - self.monitor.lookback_days * 86400
+        records = await asyncio.to_thread(lambda: list(self.provenance.all(since)))
+        report = await asyncio.to_thread(drift_monitor.run, records, self._embed, self.monitor, freshness)
+        self.measure.monitor(report)
+        return report
+
+    def _embed(self, texts: list[str]):
+        """Query vectors from the retriever replicas (called from a worker thread), cached by text."""
+        import numpy as np
+
+        found = {t: self._vectors.get(t) for t in dict.fromkeys(texts)}
+        missing = [t for t, vector in found.items() if vector is None]
+        if missing:
+            for text, vector in zip(missing, self.retriever.embed.remote(missing).result()):
+                found[text] = vector
+                self._vectors.put(text, vector)
+        return np.stack([found[t] for t in texts])
+
     def _governance_changes(self) -> tuple:
         """Directory mtimes that move whenever a release or an approval is written."""
         stamps = []
@@ -321,6 +389,65 @@ class Gateway:
             raise missing
         return record.model_dump(mode="json", exclude={"base_model": {"path"}})
 
+    @api.post("/v1/feedback")
+    async def post_feedback(self, request: Request):
+        """Feedback on one answer; a repeat by the same key replaces it (upsert). An answer the
+        caller's key may not read is a 404, like one that does not exist."""
+        key = self._key(request)
+        body = await self._body(request, FeedbackRequest)
+        unknown = sorted(set(body.kpis) - set(self.monitor.kpis))
+        if unknown:
+            raise APIError(400, f"kpis: {unknown[0]!r} is not a configured KPI (governance.monitor.kpis: "
+                                f"{self.monitor.kpis})", code="unknown_kpi")
+        answer = await self._answered(body, key)
+        event = FeedbackEvent(feedback_id=feedback_id(answer["provenance_id"], key.key_id if key else None),
+                              provenance_id=answer["provenance_id"], key_id=key.key_id if key else None,
+                              tenant=key.tenant if key else None, time=time.time(),
+                              **body.model_dump(include={"score", "label", "correction", "comment", "kpis"}))
+        previous = await asyncio.to_thread(self.feedback.upsert, event)
+        if previous is None:  # counted once per (answer, key): retries and edits do not inflate the numbers
+            self.measure.feedback(answer["model"], answer["arm"], event, self.monitor.negative_feedback_below)
+            await self._canary_feedback(answer, event)
+        return {"object": "feedback", "feedback_id": event.feedback_id, "provenance_id": event.provenance_id,
+                "model": answer["model"], "recorded": answer["recorded"], "replaced": previous is not None}
+
+    async def _answered(self, body: FeedbackRequest, key: ApiKey | None) -> dict:
+        """What the feedback is about: the answer's record, or the answer still in flight here."""
+        wanted = body.provenance_id or body.trace_id
+        missing = APIError(404, f"no answer {wanted!r}", code="not_found")
+        live = self._in_flight.get(wanted)
+        if live is not None:
+            tenant, found = (live.key.tenant if live.key else None), {
+                "provenance_id": live.provenance_id, "model": live.model, "arm": live.arm,
+                "canary_id": live.canary_id, "adapter": live.adapter.name if live.adapter else None, "recorded": False}
+        else:
+            lookup = self.provenance.get if body.provenance_id else self.provenance.by_trace
+            try:
+                record = await asyncio.to_thread(lookup, wanted)
+            except NotFound:
+                raise missing from None
+            tenant, found = record.tenant, {
+                "provenance_id": record.provenance_id, "model": record.answered_by, "arm": record.canary_arm or "none",
+                "canary_id": record.canary_id, "adapter": record.adapter.ref.partition("@")[0] if record.adapter else None,
+                "recorded": True}
+        if key is not None and not key.admin and tenant != key.tenant:
+            raise missing
+        return found
+
+    async def _canary_feedback(self, answer: dict, event: FeedbackEvent) -> None:
+        """Feedback about an answer of a running canary counts in its analysis (score, KPIs)."""
+        name, canary_id = answer["adapter"], answer["canary_id"]
+        if not name or not canary_id:
+            return
+        release = await asyncio.to_thread(self.releases.get, name)
+        if release.canary is None or release.canary.id != canary_id:
+            return  # that canary has ended: its verdict stands
+        arm = "canary" if answer["arm"] == "shadow" else answer["arm"]
+        outcome = Outcome(arm=arm, kind="feedback", feedback=event.score, kpis=event.kpis, time=event.time,
+                          provenance_id=event.provenance_id)
+        await asyncio.to_thread(self.releases.record, name, canary_id, outcome)
+        await asyncio.to_thread(self.releases.decide, name)
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         key = self._key(request)
@@ -356,10 +483,28 @@ class Gateway:
         span.set_attribute("gen_ai.request.model", body.model)
         answer = Answer(body, chat, prompt, query, self.base_model, span, started, key=key,
                         caller=sticky_key(body, request, key))
+        ids = (answer.provenance_id, trace_id_of(span))
+        self._in_flight.update((i, answer) for i in ids if i)
+        try:
+            response = await self._answer(answer, span)
+        except BaseException:
+            self._forget(ids)
+            raise
+        if not isinstance(response, StreamingResponse):  # a stream stays in flight until its record is written
+            self._forget(ids)
+        return response
+
+    def _forget(self, ids) -> None:
+        for i in ids:
+            self._in_flight.pop(i, None)
+
+    async def _answer(self, answer: Answer, span):
+        body, key = answer.request, answer.key
         if key is not None:
             span.set_attribute("tunefetch.tenant", key.tenant)
             span.set_attribute("tunefetch.key.id", key.key_id)
         await self._refresh_card()
+        self._watch_drift()
         answer.card_hash = self.card_hash
         span.set_attribute("gen_ai.provider.name", "vllm")
         if self.card_hash:
@@ -425,3 +570,4 @@ class Gateway:
             yield sse(as_api_error(exc).body())
         finally:
             answer.span.end()
+            self._forget((answer.provenance_id, trace_id_of(answer.span)))

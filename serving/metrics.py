@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from serving.answer import Answer
 from serving.stages import Stage
@@ -40,6 +40,24 @@ class Measure(Stage):
                                    (*labels, "kb"), registry=self.registry)
         self.cache = Counter("tunefetch_retrieval_cache_lookups", "Retrievals with the cache on, by result "
                              "(hit, miss).", ("kb", "result"), registry=self.registry)
+        self.feedback_count = Counter("tunefetch_feedback", "Answers that got feedback (once per answer and key), "
+                                      "by sentiment (negative, positive, unscored).", (*labels, "sentiment"),
+                                      registry=self.registry)
+        self.feedback_score = Histogram("tunefetch_feedback_score", "Feedback scores (0 bad .. 1 good).", labels,
+                                        buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=self.registry)
+        self.kpi_reports = Counter("tunefetch_kpi_reports", "Answers a KPI was reported for.", (*labels, "kpi"),
+                                   registry=self.registry)
+        self.kpi_value = Counter("tunefetch_kpi_value", "Sum of reported KPI values (0..1 each): divided by "
+                                 "tunefetch_kpi_reports_total, the KPI's rate.", (*labels, "kpi"), registry=self.registry)
+        self.drift_p = Gauge("tunefetch_drift_p_value", "Latest drift test p-value per monitored group (kb:NAME, "
+                             "adapter:NAME) and test.", ("group", "test"), registry=self.registry)
+        self.drift = Gauge("tunefetch_drift_detected", "1 while the group's latest window differs from its reference "
+                           "at the configured alpha.", ("group",), registry=self.registry)
+        self.store_age = Gauge("tunefetch_store_version_age_seconds", "Age of the store version an alias serves.",
+                               ("kb",), registry=self.registry)
+        self.stale_sources = Gauge("tunefetch_store_sources_changed", "Sources of the serving version changed or "
+                                   "gone since it was ingested (as the retriever's node sees them).", ("kb",),
+                                   registry=self.registry)
 
     async def after(self, answer: Answer) -> None:
         model, arm = answer.model, answer.arm
@@ -58,6 +76,25 @@ class Measure(Stage):
 
     async def failed(self, answer: Answer, error) -> None:
         self.errors.labels(answer.model, answer.arm, str(getattr(error, "status", 500))).inc()
+
+    def feedback(self, model: str, arm: str, event, negative_below: float) -> None:
+        sentiment = "unscored" if event.score is None else "negative" if event.score < negative_below else "positive"
+        self.feedback_count.labels(model, arm, sentiment).inc()
+        if event.score is not None:
+            self.feedback_score.labels(model, arm).observe(event.score)
+        for kpi, value in event.kpis.items():
+            self.kpi_reports.labels(model, arm, kpi).inc()
+            self.kpi_value.labels(model, arm, kpi).inc(value)
+
+    def monitor(self, report) -> None:
+        """The latest drift and freshness report (serving.monitor.MonitorReport)."""
+        for group in report.groups:
+            for test in group.tests:
+                self.drift_p.labels(group.id, test.name).set(test.p_value)
+            self.drift.labels(group.id).set(float(group.drifted))
+        for store in report.stores:
+            self.store_age.labels(store.kb).set(store.age_s)
+            self.stale_sources.labels(store.kb).set(store.stale)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

@@ -167,7 +167,10 @@ def openapi(app) -> dict:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {})
     models = components.setdefault("schemas", {})
-    for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+    from serving.feedback import FeedbackRequest
+
+    for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
+                        ("/v1/feedback", FeedbackRequest)):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         models.update(body.pop("$defs", {}))
         models[model.__name__] = body

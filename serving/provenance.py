@@ -20,7 +20,7 @@ from cluster.errors import NotFound
 from cluster.files import append_line
 from training.local_model import ModelIdentity
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PROVENANCE_ID = re.compile(r"^prov-[0-9a-f]{32}$")
 
 
@@ -50,6 +50,7 @@ class RetrievalUsed(_Record):
     collection: str  # the physical collection it resolved to
     kb_version: int
     chunks: list[ChunkUsed]
+    top_scores: list[float] = []  # every hit's score before the relevance cut (the drift monitor reads them)
 
 
 class Usage(_Record):
@@ -70,7 +71,8 @@ class ProvenanceRecord(_Record):
     stream: bool = False
     base_model: ModelIdentity
     adapter: AdapterUsed | None = None
-    canary_arm: str | None = None  # stable | canary | none
+    canary_arm: str | None = None  # stable | canary | shadow | none
+    canary_id: str | None = None  # the canary this answer counted towards
     approval_id: str | None = None  # the approval behind the adapter version, where one is valid
     tenant: str | None = None  # the API key's tenant (None while the server needs no keys)
     key_id: str | None = None  # which key asked (its id, never its token)
@@ -82,6 +84,8 @@ class ProvenanceRecord(_Record):
     retrieval_error: str | None = None  # retrieval was asked for but its backend was down: answered without context
     output_hash: str
     usage: Usage = Usage()
+    question: str | None = None  # what retrieval searched for / the last user message (serving.record_text)
+    answer: str | None = None  # the first choice's text (serving.record_text)
 
     @property
     def answered_by(self) -> str:
@@ -110,9 +114,29 @@ class ProvenanceLog:
         return records[:limit]
 
     def get(self, provenance_id: str) -> ProvenanceRecord:
-        needle = f'"provenance_id":"{provenance_id}"'
+        return self._find(f'"provenance_id":"{provenance_id}"', f"no provenance record {provenance_id!r}")
+
+    def by_trace(self, trace_id: str) -> ProvenanceRecord:
+        """The answer of trace `trace_id` (32 hex digits, as in a traceparent)."""
+        return self._find(f'"trace_id":"{trace_id}"', f"no provenance record for trace {trace_id!r}")
+
+    def _find(self, needle: str, missing: str) -> ProvenanceRecord:
         for path in self._files_newest_first():
             for line in path.read_text().splitlines():
                 if needle in line:
                     return ProvenanceRecord.model_validate_json(line)
-        raise NotFound(f"no provenance record {provenance_id!r}")
+        raise NotFound(missing)
+
+    def all(self, since: float = 0.0):
+        """Every record from `since` (epoch seconds) on, oldest first; unreadable lines skipped."""
+        day = time.strftime("%Y-%m-%d", time.gmtime(since))
+        for path in reversed(self._files_newest_first()):
+            if path.stem < day:
+                continue
+            for line in path.read_text().splitlines():
+                try:
+                    record = ProvenanceRecord.model_validate_json(line)
+                except ValueError:
+                    continue
+                if record.time >= since:
+                    yield record

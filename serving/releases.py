@@ -74,9 +74,9 @@ class Route:
 class _OutcomeCursor:
     """A canary's outcome log read incrementally into running tallies."""
 
-    def __init__(self, path: Path, policy):
+    def __init__(self, path: Path, policy, kpis: tuple[str, ...] = (), negative_below: float = 0.5):
         self.path, self.offset = path, 0
-        self.tally = Tally(policy)
+        self.tally = Tally(policy, kpis=kpis, negative_below=negative_below)
         self.canary_times: list[float] = []  # when each canary-arm answer came, in log order
 
     def read_new(self) -> None:
@@ -92,7 +92,7 @@ class _OutcomeCursor:
             if line.strip():
                 outcome = Outcome.model_validate_json(line)
                 self.tally.add(outcome)
-                if outcome.arm == CANARY:
+                if outcome.arm == CANARY and outcome.kind == "answer":
                     self.canary_times.append(outcome.time)
 
     def canary_answers_since(self, started: float) -> int:
@@ -281,7 +281,9 @@ class ReleaseBook:
                 policy = self.policy.canary
                 if canary.promote_after:
                     policy = policy.model_copy(update={"promote_after": canary.promote_after})
-                cursor = self._cursors[canary.id] = _OutcomeCursor(self.outcomes_path(name, canary.id), policy)
+                monitor = self.policy.monitor
+                cursor = self._cursors[canary.id] = _OutcomeCursor(self.outcomes_path(name, canary.id), policy,
+                                                                   tuple(monitor.kpis), monitor.negative_feedback_below)
             cursor.read_new()
             return analyse(cursor.tally, cursor.canary_answers_since(canary.step_started_at))
 

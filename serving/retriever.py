@@ -12,6 +12,7 @@ from cluster.errors import NotFound, UserError
 from cluster.telemetry import extract_context, setup_tracing, tracer
 from retrieval.cache import LRU, normalize_query, result_key
 from retrieval.embedding import Embedder
+from retrieval.freshness import store_freshness
 from retrieval.milvus_endpoint import MilvusAddress
 from retrieval.store import KnowledgeStores, SearchResult
 from serving.protocol import APIError
@@ -79,6 +80,22 @@ class Retriever:
             reason = (str(exc).splitlines() or [""])[0][:200] or exc.__class__.__name__
             raise APIError(503, f"the knowledge store backend is unavailable: {reason}", "server_error",
                            code="retrieval_unavailable") from None
+
+    async def embed(self, texts: list[str]):
+        """Vectors of `texts` (the drift monitor's questions): from the query cache where it
+        holds them (they were asked), the rest in one batch."""
+        import numpy as np
+
+        keys = [normalize_query(t) for t in texts] if self.vectors is not None else list(texts)
+        found = {k: self.vectors.get(k) for k in keys} if self.vectors is not None else {}
+        missing = list(dict.fromkeys(k for k in keys if found.get(k) is None))
+        if missing:
+            found.update(zip(missing, await asyncio.to_thread(self.embedder.encode, missing)))
+        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.embedder.dim), dtype=np.float32)
+
+    async def freshness(self) -> list:
+        """Age and changed sources of every store's serving version (retrieval/freshness.py)."""
+        return await asyncio.to_thread(store_freshness, self.stores)
 
     async def describe(self) -> list[dict]:
         """The serving version of every knowledge store, for the system card."""

@@ -123,6 +123,7 @@ class Retrieve(Stage):
             return  # answered without context: grounded false, with the reason
         finally:
             answer.retrieval_ms = ms_since(started)
+        answer.top_scores = [round(h.score, 6) for h in retrieved.hits]
         answer.retrieved = replace(retrieved, hits=[h for h in retrieved.hits if h.score >= policy.min_score])
         answer.span.set_attribute("tunefetch.retrieval.relevant_hits", len(answer.retrieved.hits))
         if not answer.retrieved.hits:
@@ -192,12 +193,12 @@ class Record(Stage):
     (disk full, read-only) the request fails with 503 and the answer is withheld (a stream,
     already sent, ends with the error event instead of [DONE])."""
 
-    def __init__(self, log: ProvenanceLog):
-        self.log = log
+    def __init__(self, log: ProvenanceLog, with_text: bool = True):
+        self.log, self.with_text = log, with_text
 
     async def after(self, answer: Answer) -> None:
         try:
-            await asyncio.to_thread(self.log.append, provenance_record(answer))
+            await asyncio.to_thread(self.log.append, provenance_record(answer, self.with_text))
         except OSError as exc:
             raise APIError(503, f"the provenance log cannot be written ({exc.strerror or exc}): the answer is "
                                 "withheld", "server_error", code="provenance_unavailable") from None
@@ -264,7 +265,10 @@ class Shadow(Stage):
             span.end()
 
 
-def provenance_record(answer: Answer) -> ProvenanceRecord:
+_TEXT_LIMIT = 4000  # characters of question and answer a record keeps
+
+
+def provenance_record(answer: Answer, with_text: bool = True) -> ProvenanceRecord:
     adapter, retrieved, generation = answer.adapter, answer.retrieved, answer.generation
     return ProvenanceRecord(
         schema_version=SCHEMA_VERSION,
@@ -281,6 +285,7 @@ def provenance_record(answer: Answer) -> ProvenanceRecord:
         adapter=AdapterUsed(ref=adapter.ref, content_hash=adapter.content_hash,
                             run_id=adapter.record.run_id) if adapter else None,
         canary_arm=answer.arm,
+        canary_id=answer.canary_id,
         approval_id=answer.approval_id,
         tenant=answer.key.tenant if answer.key else None,
         key_id=answer.key.key_id if answer.key else None,
@@ -289,12 +294,14 @@ def provenance_record(answer: Answer) -> ProvenanceRecord:
         retrieval=None if retrieved is None else RetrievalUsed(
             kb=retrieved.kb, collection=retrieved.collection, kb_version=retrieved.kb_version,
             chunks=[ChunkUsed(chunk_id=h.chunk_id, doc_id=h.doc_id, kb_version=h.kb_version, score=round(h.score, 6))
-                    for h in retrieved.hits]),
+                    for h in retrieved.hits], top_scores=answer.top_scores),
         prompt_template=answer.prompt_template,
         abstained=answer.abstained,
         retrieval_error=answer.retrieval_error,
         output_hash=hashlib.sha256("\x1e".join(generation.texts).encode()).hexdigest(),
         usage=Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
+        question=answer.query[:_TEXT_LIMIT] if with_text else None,
+        answer=generation.texts[0][:_TEXT_LIMIT] if with_text and generation.texts else None,
     )
 
 

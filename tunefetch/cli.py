@@ -16,11 +16,11 @@ from cluster.config import TunefetchConfig, load_config
 from cluster.errors import UserError
 from cluster.runtime import configure_process
 from tunefetch import __version__
-from tunefetch.commands import demo, evaluation, governance, keys, provenance, serving, stores, training
+from tunefetch.commands import demo, evaluation, governance, keys, operations, provenance, serving, stores, training
 from tunefetch.console import Console
 
 EXIT_USER_ERROR = 2
-_COMMAND_MODULES = (demo, stores, training, serving, evaluation, provenance, governance, keys)
+_COMMAND_MODULES = (demo, stores, training, serving, evaluation, provenance, governance, operations, keys)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -130,9 +130,27 @@ def test_provenance_over_http_is_the_tenants_own(server, tenants, cli):
     assert json.loads(cli("provenance", "show", answer["provenance_id"], "--json").stdout)["tenant"] == "acme"
 
 
+def test_feedback_is_scoped_to_the_tenants_own_answers_and_kept_per_key(server, tenants, cli):
+    answer = ask(server, tenants["acme"], "support", kb=KB).json()
+    post = lambda tenant, **body: httpx.post(f"{server}/v1/feedback", headers=tenant.headers if tenant else None,  # noqa: E731
+                                             json={"provenance_id": answer["provenance_id"], **body}, timeout=60)
+    assert_error(post(None, score=1), 401, "invalid_api_key")
+    # another tenant cannot score (or learn of) acme's answer; acme and the admin can, each once
+    assert_error(post(tenants["globex"], score=0), 404, "not_found")
+    mine = post(tenants["acme"], score=0.0, label="wrong").json()
+    assert mine["provenance_id"] == answer["provenance_id"] and mine["model"] == answer["model"]
+    admin = post(tenants["ops"], score=1.0).json()
+    assert admin["feedback_id"] != mine["feedback_id"] and not admin["replaced"]
+    assert post(tenants["acme"], score=0.2, label="wrong").json() == {**mine, "replaced": True}
+    shown = json.loads(cli("review", "show", answer["provenance_id"], "--json").stdout)
+    assert sorted((f["tenant"], f["score"]) for f in shown["feedback"]) == [("acme", 0.2), ("ops", 1.0)]
+    assert "negative_feedback" in shown["reasons"]
+
+
 def test_admin_actions_need_the_admin_scope(server, tenants):
     acme, ops = tenants["acme"].headers, tenants["ops"].headers
-    for method, path in (("GET", "/v1/admin/card"), ("GET", "/v1/admin/canary"), ("GET", "/metrics"),
+    for method, path in (("GET", "/v1/admin/card"), ("GET", "/v1/admin/canary"), ("GET", "/v1/admin/monitor"),
+                         ("GET", "/metrics"),
                          ("POST", "/v1/admin/canary/support/rollback")):
         assert_error(httpx.request(method, f"{server}{path}", headers=acme, timeout=60), 403, "forbidden")
     assert httpx.get(f"{server}/v1/admin/card", headers=ops, timeout=60).status_code == 200
