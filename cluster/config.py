@@ -388,6 +388,11 @@ class HomePaths:
         return self.home / "approvals"
 
     @property
+    def server(self) -> Path:
+        """The running `tunefetch serve` of this home: its URL and pid (gone when it stops)."""
+        return self.home / "server.json"
+
+    @property
     def feedback(self) -> Path:
         """Feedback and KPI events per answer (append-only; the latest per answer and key wins)."""
         return self.home / "feedback"

@@ -15,7 +15,7 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from cluster.config import secret_value
 from cluster.errors import NotFound, UserError
 from retrieval.cache import StoreVersion
-from retrieval.chunking import Chunk
 from retrieval.filters import build_filter
 from retrieval.milvus_endpoint import MilvusAddress, pid_alive
+
+if TYPE_CHECKING:  # only annotations: listing or searching stores need not import the loaders
+    from retrieval.chunking import Chunk
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _VERSION_SUFFIX = re.compile(r"^(?P<name>.+)__v(?P<version>\d+)$")

@@ -31,7 +31,8 @@ class TestResult:
 
     def to_json(self) -> dict:
         r = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
-        return {"test": self.name, "statistic": r(self.statistic), "p_value": r(self.p_value),
+        # p-values to 4 significant digits: a strong drift's 3e-12 must not read as 0
+        return {"test": self.name, "statistic": r(self.statistic), "p_value": float(f"{self.p_value:.4g}"),
                 "reference": r(self.reference), "current": r(self.current), "psi": r(self.psi)}
 
 

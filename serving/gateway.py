@@ -30,7 +30,8 @@ from serving.generator import Generation
 from serving.keys import ApiKey, Forbidden, KeyRing, KeysUnavailable
 from serving.metrics import Measure, only_series
 from serving.prompts import last_user_message
-from serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, as_api_error, now, openapi,
+from serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, RetrieveRequest, as_api_error, now,
+                              openapi,
                               parse_request)
 from serving.provenance import PROVENANCE_ID, ProvenanceLog
 from serving.releases import ReleaseBook
@@ -141,11 +142,12 @@ class Gateway:
         generate = Generate(generator, serving.default_max_tokens)
         # `after` hooks run in reverse: record, measure, count for the canary, then the shadow copy.
         recording: list[Stage] = [Record(self.provenance, serving.record_text), self.measure, CanaryOutcome(self.releases)]
+        self.retrieval = Retrieve(retriever, serving.rag)
         self.stages: list[Stage] = [
             Authorize(),
             ResolveModel(self.releases),
             Shadow(self.releases, generate, recording),
-            Retrieve(retriever, serving.rag),
+            self.retrieval,
             generate,
             *reversed(recording),
         ]
@@ -388,6 +390,32 @@ class Gateway:
         if key is not None and not key.admin and record.tenant != key.tenant:
             raise missing
         return record.model_dump(mode="json", exclude={"base_model": {"path"}})
+
+    @api.post("/v1/retrieve")
+    async def retrieve(self, request: Request):
+        """Retrieval only: the passages a chat request with this `retrieval` would get, each with
+        its text and whether it passes the relevance policy (min_score)."""
+        key = self._key(request)
+        body = await self._body(request, RetrieveRequest)
+        options = body.retrieval
+        if key is not None:
+            try:
+                key.check_kb(options.kb)
+            except Forbidden as exc:
+                raise APIError(403, str(exc), "permission_error", code="forbidden") from None
+        with self.tracer.start_as_current_span("retrieve", context=extract_context(dict(request.headers))) as span:
+            span.set_attribute("gen_ai.operation.name", "retrieval")
+            try:
+                result = await self.retrieval.search(body.query, options)
+            except Exception as exc:  # noqa: BLE001 - in the OpenAI shape, like every other failure
+                return _error_response(exc, span)
+            min_score = self.retrieval.policy.merged(options).min_score
+            data = [{"index": i, "doc_id": h.doc_id, "chunk_id": h.chunk_id, "section": h.section, "source": h.source,
+                     "kb_version": h.kb_version, "score": round(h.score, 6), "relevant": h.score >= min_score,
+                     "text": h.text} for i, h in enumerate(result.hits, 1)]
+            return JSONResponse({"object": "retrieval", "kb": result.kb, "collection": result.collection,
+                                 "kb_version": result.kb_version, "cached": result.cached, "data": data},
+                                headers=_trace_header(span))
 
     @api.post("/v1/feedback")
     async def post_feedback(self, request: Request):

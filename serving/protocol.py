@@ -125,6 +125,14 @@ class CompletionRequest(_GenerationParams):
     prompt: str
 
 
+class RetrieveRequest(BaseModel):
+    """POST /v1/retrieve: the hits alone, with the `retrieval` object chat requests take."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(..., min_length=1, max_length=8000)
+    retrieval: RetrievalOptions
+
+
 class Citation(BaseModel):
     index: int
     doc_id: str
@@ -170,7 +178,7 @@ def openapi(app) -> dict:
     from serving.feedback import FeedbackRequest
 
     for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
-                        ("/v1/feedback", FeedbackRequest)):
+                        ("/v1/feedback", FeedbackRequest), ("/v1/retrieve", RetrieveRequest)):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         models.update(body.pop("$defs", {}))
         models[model.__name__] = body

@@ -114,7 +114,7 @@ class Retrieve(Stage):
         policy = self.policy.merged(options)
         started = time.perf_counter()
         try:
-            retrieved = await self._search(answer, options)
+            retrieved = await self.search(answer.query, options)
         except APIError as error:
             if error.code != UNAVAILABLE or policy.on_unavailable == "fail":
                 raise
@@ -137,13 +137,15 @@ class Retrieve(Stage):
         answer.prompt_template = template.version
 
 
-    async def _search(self, answer: Answer, options):
+    async def search(self, query: str, options):
+        """One search behind the breaker (also POST /v1/retrieve's): the backend's failures
+        as 503 `retrieval_unavailable`, the caller's (unknown store, bad filter) as they are."""
         if not self.breaker.allow():
             wait = self.breaker.retry_after_s()
             raise APIError(503, f"the knowledge store backend is unavailable (circuit open: next try in {wait:.0f} s)",
                            "server_error", code=UNAVAILABLE, retry_after_s=wait)
         try:
-            result = await self.retriever.retrieve.remote(options.kb, answer.query, options.top_k, options.filters,
+            result = await self.retriever.retrieve.remote(options.kb, query, options.top_k, options.filters,
                                                           inject_context())
         except Exception as exc:  # noqa: BLE001 - classified: only an unavailable backend trips the breaker
             error = as_api_error(exc)

@@ -84,7 +84,7 @@ def test_the_server_checks_drift_and_exports_it(server):
     report = httpx.get(f"{server}/v1/admin/monitor", timeout=120).json()
     group = next(g for g in report["groups"] if g["group"] == f"kb:{KB}")
     assert {t["test"] for t in group["tests"]} == {"query_embedding", "top1_score", "top_gap", "abstain_rate"}
-    assert all(0 < t["p_value"] <= 1 for t in group["tests"])
+    assert all(0 <= t["p_value"] <= 1 for t in group["tests"]) and group["level"] > 0
     assert any(s["kb"] == KB and s["checked"] > 0 for s in report["stores"])
     metrics = httpx.get(f"{server}/metrics", timeout=30).text
     assert f'tunefetch_drift_p_value{{group="kb:{KB}",test="query_embedding"}}' in metrics

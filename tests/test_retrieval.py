@@ -31,6 +31,29 @@ def test_search_shows_each_passage_under_its_hit_and_json_gives_the_record(cli, 
     assert "hold the reset button" in record["hits"][0]["text"] and record["hits"][0]["chunk_id"]
 
 
+def test_search_asks_the_running_server_and_finds_what_the_store_finds(server, cli, home, tmp_path):
+    """With `tunefetch serve` up for the home, `search` asks it (POST /v1/retrieve) instead of
+    loading an embedder and the store; without, it embeds here (NumPy MiniLM, no torch). Both
+    find the same passages with the same scores."""
+    announced = home / "server.json"
+    assert json.loads(announced.read_text())["url"] == server
+
+    def search() -> dict:
+        return json.loads(cli("search", "Which fault code means a dirty contact plate?", "--kb", KB, "--top-k", "3",
+                              "--json").stdout)
+
+    via_server = search()
+    announced.rename(tmp_path / "server.json")
+    try:
+        here = search()
+    finally:
+        (tmp_path / "server.json").rename(announced)
+    assert (via_server["searched_by"], here["searched_by"]) == (server, "local")
+    assert [(h["chunk_id"], round(h["score"], 4)) for h in via_server["hits"]] == \
+        [(h["chunk_id"], round(h["score"], 4)) for h in here["hits"]]
+    assert via_server["hits"][0]["text"] == here["hits"][0]["text"] and via_server["kb_version"] == here["kb_version"]
+
+
 def test_filter_restricts_hits_and_injection_matches_nothing(cli, ingested):
     assert set(top_doc_ids(cli, "warranty", "--where", "doc_id=returns-policy")) == {"returns-policy"}
     injected = 'returns-policy" or doc_id != "x'

@@ -81,6 +81,24 @@ def test_chat_with_retrieval_cites_the_ingested_documents(server, cli):
     assert re.search(r"time: \d+ ms in the gateway \(retrieval \d+ ms, generation \d+ ms\)", lineage)
 
 
+def test_retrieve_endpoint_returns_passages_without_generating(server):
+    body = {"query": "How do I reset a DockStation?", "retrieval": {"kb": KB, "top_k": 3, "min_score": 0.5}}
+    response = httpx.post(f"{server}/v1/retrieve", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "retrieval" and data["kb"] == KB and data["collection"].startswith(f"{KB}__v")
+    hits = data["data"]
+    assert [h["index"] for h in hits] == [1, 2, 3] and hits[0]["doc_id"] == "dockstation-troubleshooting"
+    assert "hold the reset button" in hits[0]["text"]
+    assert [h["relevant"] for h in hits] == [h["score"] >= 0.5 for h in hits] and hits[0]["relevant"]
+    assert hits == sorted(hits, key=lambda h: -h["score"]) and response.headers["traceparent"]
+    for bad, status, needle in (({**body, "retrieval": {"kb": "nosuchstore"}}, 404, "nosuchstore"),
+                                ({**body, "retrieval": {"kb": KB, "filters": {"text": "x"}}}, 400, "text"),
+                                ({"retrieval": {"kb": KB}}, 400, "query"),
+                                ({**body, "model": BASE}, 400, "model")):
+        assert_openai_error(httpx.post(f"{server}/v1/retrieve", json=bad, timeout=60), status, needle)
+
+
 def test_incoming_traceparent_is_continued(server):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     response = httpx.post(f"{server}/v1/chat/completions", timeout=60,

@@ -10,6 +10,14 @@ import httpx
 from cluster.errors import NotFound, UserError
 
 
+class ServerUnavailable(UserError):
+    """Nothing answers at the server's address."""
+
+
+class Unauthorized(UserError):
+    """The server wants an API key (client.api_key) that was not sent or is not valid."""
+
+
 @dataclass
 class Answer:
     model: str  # exactly what answered: the base model id or NAME@vN
@@ -62,6 +70,11 @@ class Client:
             abstained=bool(data.get("abstained", False)),
         )
 
+    def retrieve(self, query: str, kb: str, top_k: int | None = None, filters: dict | None = None) -> dict:
+        """The passages retrieval finds, without generation (`POST /v1/retrieve`)."""
+        retrieval = {"kb": kb, **({"top_k": top_k} if top_k else {}), **({"filters": filters} if filters else {})}
+        return self._call("POST", "/v1/retrieve", json={"query": query, "retrieval": retrieval}).json()
+
     def system_card(self) -> dict:
         """The running deployment's card facts and their hash (`GET /v1/admin/card`)."""
         return self._call("GET", "/v1/admin/card").json()
@@ -73,12 +86,12 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.ConnectError:
-            raise UserError(f"no tunefetch server at {self.url} (start one with `tunefetch serve`)") from None
+            raise ServerUnavailable(f"no tunefetch server at {self.url} (start one with `tunefetch serve`)") from None
         if response.status_code >= 400:
             try:
                 message = response.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = response.text[:200]
-            error = NotFound if response.status_code == 404 else UserError
+            error = {404: NotFound, 401: Unauthorized}.get(response.status_code, UserError)
             raise error(f"server answered {response.status_code}: {message}")
         return response

@@ -95,6 +95,17 @@ def test_a_tenant_uses_its_adapters_and_stores_and_nothing_else(server, tenants)
     assert "ghost" in assert_error(ask(server, acme, "ghost"), 403, "forbidden")["message"]
 
 
+def test_retrieval_only_requests_are_scoped_like_chat(server, tenants):
+    def retrieve(tenant: Tenant | None, kb: str) -> httpx.Response:
+        return httpx.post(f"{server}/v1/retrieve", headers=tenant.headers if tenant else None, timeout=60,
+                          json={"query": "hover sled price", "retrieval": {"kb": kb}})
+
+    assert_error(retrieve(None, KB), 401, "invalid_api_key")
+    assert_error(retrieve(tenants["acme"], OTHER_KB), 403, "forbidden")
+    assert retrieve(tenants["acme"], KB).json()["kb"] == KB
+    assert "hover sled" in retrieve(tenants["globex"], OTHER_KB).json()["data"][0]["text"]
+
+
 def test_a_tenant_never_sees_another_tenants_chunks(server, tenants):
     """globex's store answers globex with its own passage; acme asking the same question gets
     only Kestrel passages, whatever filters it sends."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from argparse import Namespace
+from contextlib import contextmanager
 
 from cluster.config import TunefetchConfig
 from tunefetch.console import Console
@@ -51,11 +52,41 @@ def serve(args: Namespace, config: TunefetchConfig, console: Console) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with console.captured(config.paths.logs, "serve"), served_app(config) as url:
+    with console.captured(config.paths.logs, "serve"), served_app(config) as url, announced(config, url):
         console.info(f"serving on {url} (Ctrl-C to stop; framework log: {console.log_path or 'on this terminal'})")
         stop.wait()
         console.info("shutting down")
     return 0
+
+
+@contextmanager
+def announced(config: TunefetchConfig, url: str):
+    """HOME/server.json names the running server while it runs, so commands on the same home
+    (`search`) can ask it instead of loading the embedder and the store themselves."""
+    import json
+    import os
+
+    from cluster.files import replace_text
+
+    path = config.paths.server
+    replace_text(path, json.dumps({"url": url, "pid": os.getpid()}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def running_server(config: TunefetchConfig) -> str | None:
+    """The URL of the server announced for this home, if its process is alive."""
+    import json
+
+    from retrieval.milvus_endpoint import pid_alive
+
+    try:
+        announced = json.loads(config.paths.server.read_text())
+        return announced["url"] if pid_alive(int(announced["pid"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def query(args: Namespace, config: TunefetchConfig, console: Console) -> int:

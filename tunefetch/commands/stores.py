@@ -12,6 +12,11 @@ from tunefetch.console import Console
 from tunefetch.stack import knowledge_stores
 
 
+# A CLI ingest embeds batches up to this size without loading torch (retrieval/embedding.py):
+# a file or two is embedded before torch would have loaded.
+LIGHT_BATCH = 32
+
+
 def add_parsers(sub, command) -> None:
     p = command(sub, "ingest", "write a new version of a knowledge store from files, directories or globs",
                 handler=ingest)
@@ -64,8 +69,8 @@ def ingest(args: Namespace, config: TunefetchConfig, console: Console) -> int:
     settings = chunking(config, args.chunk_tokens, args.chunk_overlap)
     with console.captured(config.paths.logs, "ingest"), knowledge_stores(config) as stores, \
             console.progress(f"ingest {args.kb}") as update:
-        result = run_ingest(args.paths, args.kb, stores, Embedder(), settings, progress=console.info,
-                            on_chunks=update, incremental=not args.full, jsonl=jsonl)
+        result = run_ingest(args.paths, args.kb, stores, Embedder(light_up_to=LIGHT_BATCH), settings,
+                            progress=console.info, on_chunks=update, incremental=not args.full, jsonl=jsonl)
     console.info(f"{result.documents} documents, {result.chunks} chunks ({result.embedded} embedded, "
                  f"{result.chunks - result.embedded} reused) in {result.seconds:.1f} s; "
                  f"{len(result.skipped)} files skipped")
@@ -124,7 +129,6 @@ def kb_rollback(args: Namespace, config: TunefetchConfig, console: Console) -> i
 
 
 def search(args: Namespace, config: TunefetchConfig, console: Console) -> int:
-    from retrieval.embedding import Embedder
     from retrieval.filters import build_filter, parse_where
 
     filters = parse_where(args.where)
@@ -132,18 +136,51 @@ def search(args: Namespace, config: TunefetchConfig, console: Console) -> int:
     top_k = args.top_k or config.retrieval.top_k
     if top_k < 1:
         raise UserError("--top-k must be at least 1")
-    with console.captured(config.paths.logs, "search"), knowledge_stores(config) as stores:
-        stores.current(args.kb)
-        result = stores.search(args.kb, Embedder().encode([args.text])[0], top_k, filters)
+    result = _search_on_server(args.text, args.kb, top_k, filters, config, console)
+    if result is None:
+        result = _search_here(args.text, args.kb, top_k, filters, config, console)
     if args.json:
-        console.json(result.to_json())
+        console.json(result)
         return 0
-    console.info(f"{result.kb} -> {result.collection} (v{result.kb_version}), {len(result.hits)} hits")
+    console.info(f"{result['kb']} -> {result['collection']} (v{result['kb_version']}), {len(result['hits'])} hits")
     width = max(40, shutil.get_terminal_size((100, 20)).columns - 6)
-    for i, hit in enumerate(result.hits, 1):
-        console.result(f"{i}. {hit.score:.4f}  {hit.doc_id}  [{hit.section}]  chunk {hit.chunk_id}  v{hit.kb_version}")
-        console.result(f"   {_passage(hit.text, hit.section, width)}")
+    for i, hit in enumerate(result["hits"], 1):
+        console.result(f"{i}. {hit['score']:.4f}  {hit['doc_id']}  [{hit['section']}]  chunk {hit['chunk_id']}  "
+                       f"v{hit['kb_version']}")
+        console.result(f"   {_passage(hit['text'], hit['section'], width)}")
     return 0
+
+
+def _search_on_server(query: str, kb: str, top_k: int, filters: dict, config: TunefetchConfig,
+                      console: Console) -> dict | None:
+    """The hits from the `tunefetch serve` of this home, when one runs: its embedder is loaded
+    and its cache warm. None: search here instead."""
+    from tunefetch.client import Client, ServerUnavailable, Unauthorized
+    from tunefetch.commands.serving import running_server
+
+    url = running_server(config)
+    if url is None:
+        return None
+    try:
+        data = Client.for_config(config, url).retrieve(query, kb, top_k, filters)
+    except ServerUnavailable:
+        return None
+    except Unauthorized:
+        console.info(f"the server at {url} wants an API key (client.api_key): searching the store directly")
+        return None
+    hits = [{k: h[k] for k in ("chunk_id", "doc_id", "section", "source", "text", "score", "kb_version")}
+            | {"collection": data["collection"]} for h in data["data"]]
+    return {"kb": data["kb"], "collection": data["collection"], "kb_version": data["kb_version"], "hits": hits,
+            "searched_by": url}
+
+
+def _search_here(query: str, kb: str, top_k: int, filters: dict, config: TunefetchConfig, console: Console) -> dict:
+    from retrieval.embedding import Embedder
+
+    with console.captured(config.paths.logs, "search"), knowledge_stores(config) as stores:
+        stores.current(kb)
+        vector = Embedder(light_up_to=1).encode([query])[0]
+        return {**stores.search(kb, vector, top_k, filters).to_json(), "searched_by": "local"}
 
 
 def _passage(text: str, section: str, width: int) -> str:
