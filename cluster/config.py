@@ -73,7 +73,7 @@ class RetrievalConfig(_Section):
 
 
 # EngineConfig fields that are tunefetch's own, not vLLM engine arguments.
-_NOT_VLLM_ARGS = {"kv_cache_gib", "pin_cpu_cores", "extra_args"}
+_NOT_VLLM_ARGS = {"kv_cache_gib", "pin_cpu_cores", "extra_args", "json_whitespace"}
 
 
 class EngineConfig(_Section):
@@ -97,6 +97,9 @@ class EngineConfig(_Section):
     pin_cpu_cores: bool = Field(
         True, description="CPU hosts: the engine core process runs alone on floor(generator.num_cpus) cores of "
         "its node, claimed so replicas never share one, and at least one core stays for everything else.")
+    json_whitespace: bool = Field(
+        False, description="Structured outputs (response_format) may contain free whitespace. Off: compact JSON, "
+        "fewer tokens, and a model cannot spend its token budget on blank lines inside the JSON.")
 
     def vllm_args(self) -> dict[str, Any]:
         """The vLLM engine arguments this section names (model excluded: resolved by the caller)."""
@@ -105,7 +108,9 @@ class EngineConfig(_Section):
         if overlap:
             raise UserError(f"serving.engine.extra_args: {', '.join(sorted(overlap))} are typed keys of "
                             "serving.engine; set them there")
-        return {**args, **self.extra_args}
+        # xgrammar by name: vLLM honours the whitespace switch only for xgrammar and guidance.
+        structured = {"backend": "xgrammar", "disable_any_whitespace": not self.json_whitespace}
+        return {**args, "structured_outputs_config": structured, **self.extra_args}
 
 
 class Autoscaling(_Section):
@@ -160,6 +165,10 @@ class RagPolicy(_Section):
     breaker_failures: int = Field(3, ge=1, description="Consecutive backend failures that open the circuit (calls "
                                                        "then fail at once, without waiting for a timeout).")
     breaker_reset_s: float = Field(10.0, gt=0, description="Seconds an open circuit waits before one trial call.")
+    cite_answer_chars: int = Field(600, ge=16, le=20000, description="retrieval.cite strict: longest `answer` "
+                                                                     "string (without a caller's schema).")
+    cite_quote_chars: int = Field(200, ge=8, le=2000, description="retrieval.cite strict: longest quote per "
+                                                                  "citation.")
 
     def merged(self, request) -> "RagPolicy":
         """This policy with a request's `min_score` / `no_context` / `on_unavailable` overrides applied."""
@@ -272,6 +281,58 @@ class MonitorConfig(_Section):
         return names
 
 
+class GuardPolicy(_Section):
+    """Input and output checks one request runs under (serving/guards.py). Several policies can
+    apply to one request (the default, its adapter's, its key's): each runs, the strictest wins."""
+
+    max_prompt_chars: int | None = Field(None, ge=1, description="Longer prompts (all messages) are refused (400).")
+    max_output_tokens: int | None = Field(None, ge=1, description="Requests asking for more are refused (400); "
+                                                                  "requests asking for none get at most this.")
+    denied_topics: dict[str, list[str]] = Field(
+        default_factory=dict, description="Topic -> regular expressions (case-insensitive, matched on word "
+                                          "boundaries). A question on a topic is refused (400); an answer on one "
+                                          "is replaced by the refusal.")
+    pii: Literal["off", "redact", "block"] = Field(
+        "off", description="Emails, phone numbers and card numbers in prompts: replaced by [EMAIL], [PHONE], "
+                           "[CARD] before retrieval, the model and the records see them (redact), or refused "
+                           "(block). Answers are redacted under both.")
+    sources: list[str] | None = Field(None, description="Shell patterns of document sources answers may use and "
+                                                        "cite (e.g. 'handbook/*'); other passages are dropped "
+                                                        "before the prompt. Null: all.")
+    refusal: str = Field("I can't help with that.", min_length=1, max_length=1000,
+                         description="The answer that replaces one an output check refused.")
+
+    @field_validator("denied_topics")
+    @classmethod
+    def _patterns_compile(cls, topics: dict[str, list[str]]) -> dict[str, list[str]]:
+        for topic, patterns in topics.items():
+            if not patterns:
+                raise ValueError(f"topic {topic!r} has no patterns")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"topic {topic!r}: pattern {pattern!r} is not a regular expression ({exc})")
+        return topics
+
+
+class GuardsConfig(_Section):
+    policies: dict[str, GuardPolicy] = Field(default_factory=dict, description="Named guard policies.")
+    default: str | None = Field(None, description="The policy every request runs under (null: none).")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> the policy its requests "
+                                                                       "also run under.")
+    hold_back_chars: int = Field(64, ge=8, le=4096, description="Streams with output checks send text this many "
+                                                                "characters behind the model: a denied phrase or "
+                                                                "PII up to this long never reaches the client.")
+
+    @model_validator(mode="after")
+    def _named_policies_exist(self):
+        for where, name in [("default", self.default), *((f"adapters.{a}", p) for a, p in self.adapters.items())]:
+            if name is not None and name not in self.policies:
+                raise ValueError(f"{where}: no policy named {name!r} (policies: {sorted(self.policies)})")
+        return self
+
+
 class GovernanceConfig(_Section):
     require_approval: bool = Field(False, description="Serving a version as stable, and promoting a canary, need "
                                                       "a valid approval record.")
@@ -288,6 +349,7 @@ class GovernanceConfig(_Section):
                                                      "contact).")
     canary: CanaryPolicy = CanaryPolicy()
     monitor: MonitorConfig = MonitorConfig()
+    guards: GuardsConfig = GuardsConfig()
 
 
 class TunefetchConfig(BaseSettings):

@@ -42,6 +42,11 @@ class Answer:
     shadow: str | None = None  # a shadow candidate (NAME@vN) that answers a copy after this answer
     approval_id: str | None = None  # the approval behind the version that answered
     card_hash: str | None = None  # the system card in force
+    guarded: object | None = None  # serving.guards.Guarded: the guard policies in force and their decisions
+    grammar: dict | None = None  # vLLM structured-output fields (json schema, json_object) decoding is held to
+    output_format: str | None = None  # json_object | json_schema | cite_strict
+    schema_valid: list[bool] | None = None  # per choice, once complete
+    attribution: list[dict] | None = None  # per choice under cite: strict (serving/attribution.py)
     provenance_id: str = field(default_factory=new_provenance_id)
     id: str = ""
     created: int = field(default_factory=now)
@@ -86,6 +91,10 @@ class Answer:
             extensions["abstained"] = self.abstained
         elif self.retrieval_error:
             extensions.update(citations=[], grounded=False, abstained=False, retrieval_error=self.retrieval_error)
+        if self.attribution is not None:
+            extensions["attribution"] = self.attribution
+        if self.guarded is not None:  # what the guards changed or refused (every decision: the provenance record)
+            extensions["guards"] = [d.to_json() for d in self.guarded.decisions if d.action != "pass"]
         return extensions
 
     def body(self) -> dict:

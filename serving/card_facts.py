@@ -34,13 +34,28 @@ def gather(base_model: ModelIdentity, releases: ReleaseBook, stores: list[dict],
         "guards": {"rag.min_score": serving.rag.min_score, "rag.no_context": serving.rag.no_context,
                    "max_request_bytes": serving.max_request_bytes,
                    "governance.require_approval": governance.require_approval,
-                   "governance.approval_requires_eval": governance.approval_requires_eval},
+                   "governance.approval_requires_eval": governance.approval_requires_eval,
+                   **_guard_policies(governance.guards)},
         "telemetry": {"exporter": telemetry.exporter, "endpoint": telemetry.endpoint, "protocol": telemetry.protocol,
                       "service_name": telemetry.service_name, "metrics_path": "/metrics"},
         "software": {"python": platform.python_version(),
                      **{name: v for name in _SOFTWARE if (v := _version(name))}},
         "human": human_fields(governance.card_file),
     }
+
+
+def _guard_policies(guards) -> dict:
+    """governance.guards in one line per policy: what runs, and where."""
+    facts = {"guards.default": guards.default or "none",
+             "guards.adapters": ", ".join(f"{a}: {p}" for a, p in sorted(guards.adapters.items())) or "none"}
+    for name, policy in sorted(guards.policies.items()):
+        parts = [f"{field}={value}" for field, value in (
+            ("max_prompt_chars", policy.max_prompt_chars), ("max_output_tokens", policy.max_output_tokens),
+            ("denied_topics", ",".join(sorted(policy.denied_topics)) or None),
+            ("pii", None if policy.pii == "off" else policy.pii),
+            ("sources", ",".join(policy.sources) if policy.sources is not None else None)) if value is not None]
+        facts[f"guards.policy.{name}"] = "; ".join(parts) or "no checks"
+    return facts
 
 
 def human_fields(path: Path | None) -> dict:

@@ -24,9 +24,11 @@ from retrieval.cache import LRU
 from serving import card, card_facts
 from serving import monitor as drift_monitor
 from serving.answer import Answer, sse, usage
+from serving.attribution import Constrain, Verify
 from serving.canary import Outcome
 from serving.feedback import FeedbackEvent, FeedbackLog, FeedbackRequest, feedback_id
 from serving.generator import Generation
+from serving.guards import GuardInput, GuardOutput
 from serving.keys import ApiKey, Forbidden, KeyRing, KeysUnavailable
 from serving.metrics import Measure, only_series
 from serving.prompts import last_user_message
@@ -139,17 +141,22 @@ class Gateway:
         self.retriever, self.generator = retriever, generator
         self.settings = (serving, telemetry, governance)
         self.measure = Measure(cache_on=serving.cache.retrieval)
-        generate = Generate(generator, serving.default_max_tokens)
-        # `after` hooks run in reverse: record, measure, count for the canary, then the shadow copy.
+        self.measure.known_guards(governance.guards)
+        generate, guard_output, verify = Generate(generator, serving.default_max_tokens), GuardOutput(), Verify()
+        # `after` hooks run in reverse: verify, record, measure, count for the canary, then the shadow copy.
         recording: list[Stage] = [Record(self.provenance, serving.record_text), self.measure, CanaryOutcome(self.releases)]
         self.retrieval = Retrieve(retriever, serving.rag)
         self.stages: list[Stage] = [
             Authorize(),
             ResolveModel(self.releases),
-            Shadow(self.releases, generate, recording),
+            GuardInput(governance.guards, serving.default_max_tokens),
+            Shadow(self.releases, [generate, guard_output], [verify, *recording]),
             self.retrieval,
+            Constrain(serving.rag.cite_answer_chars, serving.rag.cite_quote_chars),
             generate,
+            guard_output,
             *reversed(recording),
+            verify,
         ]
         self._drift_task: asyncio.Task | None = None
         self._drift_lock = asyncio.Lock()
@@ -590,8 +597,8 @@ class Gateway:
                                                counts["prompt_tokens"], counts["completion_tokens"], replica,
                                                elapsed_ms)
                 await self._after(answer)
-            if answer.include_usage:
-                yield sse(answer.chunk([], usage=usage(answer.generation)))
+            if answer.include_usage or answer.attribution is not None:  # what is known only at the end
+                yield sse(answer.chunk([], usage=usage(answer.generation) if answer.include_usage else None))
             yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event
             await self._failed(answer, exc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import nullcontext
@@ -29,6 +30,15 @@ from serving.protocol import APIError
 from training.registry import open_registry
 
 logger = logging.getLogger("ray.serve")
+# Raw control characters are not allowed inside JSON strings, yet xgrammar (0.2.8) lets a
+# byte-fallback token put one there. Compact structured output has no whitespace outside
+# strings, so escaping every control character keeps the value and makes the JSON valid (with
+# serving.engine.json_whitespace on, whitespace between tokens is left as the model wrote it).
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+def json_escaped(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Generator:
             self.engine = self._start_engine(engine_args(engine, model_path, served_model_name))
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
+        self.json_whitespace = engine.json_whitespace
         self.registry = open_registry(registry)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._lora_ids: dict[str, int] = {}
@@ -140,6 +151,7 @@ class Generator:
     def _prepare(self, prompt: dict, params: dict, output_kind):
         """Token ids + sampling params; rejects prompts that cannot fit the context."""
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         ids = self.render_chat(prompt["messages"]) if "messages" in prompt else self.tokenizer.encode(prompt["text"])
         max_tokens = params["max_tokens"]
@@ -151,8 +163,33 @@ class Generator:
             temperature=params["temperature"], top_p=params["top_p"], stop=params["stop"], seed=params["seed"],
             presence_penalty=params.get("presence_penalty", 0.0), frequency_penalty=params.get("frequency_penalty", 0.0),
             output_kind=output_kind,
+            structured_outputs=StructuredOutputsParams(**params["structured_outputs"])
+            if params.get("structured_outputs") else None,
         )
         return ids, sampling
+
+    def _escape(self, sampling):
+        return json_escaped if sampling.structured_outputs and not self.json_whitespace else str
+
+    async def _outputs(self, ids: list[int], sampling, lora):
+        """The engine's outputs for one request. What vLLM refuses as the client's fault when the
+        request is added (a schema feature the grammar backend lacks) is the caller's 400."""
+        from vllm.exceptions import VLLMClientError
+
+        outputs = self.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex, lora_request=lora)
+        try:
+            first = await outputs.__anext__()
+        except StopAsyncIteration:
+            return
+        except (VLLMClientError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:300]
+            if sampling.structured_outputs is not None:
+                raise APIError(400, f"response_format: the schema cannot be enforced ({reason})",
+                               code="invalid_response_format") from None
+            raise APIError(400, f"the engine refused the request ({reason})") from None
+        yield first
+        async for output in outputs:
+            yield output
 
     @staticmethod
     def _span(trace: dict):
@@ -175,12 +212,12 @@ class Generator:
             ids, sampling = self._prepare(prompt, params, RequestOutputKind.FINAL_ONLY)
             lora = await self._lora_request()
             final = None
-            async for output in self.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
-                                                     lora_request=lora):
+            async for output in self._outputs(ids, sampling, lora):
                 final = output
             completions = sorted(final.outputs, key=lambda o: o.index)
+            escape = self._escape(sampling)
             result = Generation(
-                texts=[o.text for o in completions],
+                texts=[escape(o.text) for o in completions],
                 finish_reasons=[o.finish_reason for o in completions],
                 prompt_tokens=len(ids),
                 completion_tokens=sum(len(o.token_ids) for o in completions),
@@ -203,10 +240,10 @@ class Generator:
             lora = await self._lora_request()
             sent: dict[int, int] = {}
             tokens: dict[int, int] = {}
-            async for output in self.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
-                                                     lora_request=lora):
+            escape = self._escape(sampling)
+            async for output in self._outputs(ids, sampling, lora):
                 for o in output.outputs:
-                    delta = o.text[sent.get(o.index, 0):]
+                    delta = escape(o.text[sent.get(o.index, 0):])
                     sent[o.index], tokens[o.index] = len(o.text), len(o.token_ids)
                     if delta or o.finish_reason:
                         yield {"index": o.index, "text": delta, "finish_reason": o.finish_reason}

@@ -53,6 +53,7 @@ class ApiKey(BaseModel):
     adapters: list[str] | None = None  # adapter names this key may use; None: all
     kbs: list[str] | None = None  # knowledge stores it may retrieve from; None: all
     admin: bool = False  # canary actions, the system card, metrics, every tenant's provenance
+    policy: str | None = None  # a guard policy (governance.guards.policies) its requests also run under
     created_at: float
     created_by: str
     revoked_at: float | None = None
@@ -75,7 +76,8 @@ class ApiKey(BaseModel):
         """One line for people: what the key may do."""
         adapters = ",".join(self.adapters) if self.adapters is not None else "*"
         kbs = ",".join(self.kbs) if self.kbs is not None else "*"
-        return f"adapters={adapters} kbs={kbs}" + (" admin" if self.admin else "")
+        return (f"adapters={adapters} kbs={kbs}" + (f" policy={self.policy}" if self.policy else "")
+                + (" admin" if self.admin else ""))
 
 
 def _digest(salt: str, secret: str) -> str:
@@ -145,13 +147,13 @@ class KeyRing:
 
     # -- writing -------------------------------------------------------------------------------
     def create(self, tenant: str, adapters: list[str] | None = None, kbs: list[str] | None = None,
-               admin: bool = False, by: str = "") -> tuple[ApiKey, str]:
+               admin: bool = False, by: str = "", policy: str | None = None) -> tuple[ApiKey, str]:
         """A new key and its token (the only time the token exists outside the caller)."""
         if not _NAME.match(tenant or ""):
             raise UserError(f"--tenant: {tenant[:80]!r} is not a valid name (letters, digits, '.', '_', '-'; at most 64)")
         key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
         key = ApiKey(key_id=key_id, tenant=tenant, adapters=_names("--adapters", adapters), kbs=_names("--kbs", kbs),
-                     admin=admin, created_at=time.time(), created_by=by, salt=salt,
+                     admin=admin, policy=policy, created_at=time.time(), created_by=by, salt=salt,
                      secret_sha256=_digest(salt, secret))
         with self._editing() as keys:
             keys[key_id] = key

@@ -49,6 +49,12 @@ class Measure(Stage):
                                    registry=self.registry)
         self.kpi_value = Counter("tunefetch_kpi_value", "Sum of reported KPI values (0..1 each): divided by "
                                  "tunefetch_kpi_reports_total, the KPI's rate.", (*labels, "kpi"), registry=self.registry)
+        self.guard_decisions = Counter("tunefetch_guard_decisions", "Guard decisions, by policy, guard and action "
+                                       "(pass, block, redact, filter, refuse).", ("policy", "guard", "action"),
+                                       registry=self.registry)
+        self.structured = Counter("tunefetch_structured_outputs", "Answers decoded under a schema, by format and "
+                                  "whether every choice satisfied it.", (*labels, "format", "valid"),
+                                  registry=self.registry)
         self.drift_p = Gauge("tunefetch_drift_p_value", "Latest drift test p-value per monitored group (kb:NAME, "
                              "adapter:NAME) and test.", ("group", "test"), registry=self.registry)
         self.drift = Gauge("tunefetch_drift_detected", "1 while the group's latest window differs from its reference "
@@ -73,9 +79,24 @@ class Measure(Stage):
                 self.cache.labels(answer.retrieved.kb, "hit" if answer.retrieved.cached else "miss").inc()
             if answer.abstained:
                 self.abstentions.labels(model, arm, answer.retrieved.kb).inc()
+        if answer.schema_valid is not None:
+            self.structured.labels(model, arm, answer.output_format, str(all(answer.schema_valid)).lower()).inc()
+        self._guards(answer)
 
     async def failed(self, answer: Answer, error) -> None:
         self.errors.labels(answer.model, answer.arm, str(getattr(error, "status", 500))).inc()
+        self._guards(answer)
+
+    def known_guards(self, config) -> None:
+        """Series from zero for every guard each configured policy runs (cluster.config.GuardsConfig),
+        so rates and dashboards exist before the first decision."""
+        for name, policy in config.policies.items():
+            for guard in guard_names(policy):
+                self.guard_decisions.labels(name, guard, "pass")
+
+    def _guards(self, answer: Answer) -> None:
+        for d in answer.guarded.decisions if answer.guarded else ():
+            self.guard_decisions.labels(d.policy, d.guard, d.action).inc()
 
     def feedback(self, model: str, arm: str, event, negative_below: float) -> None:
         sentiment = "unscored" if event.score is None else "negative" if event.score < negative_below else "positive"
@@ -98,6 +119,13 @@ class Measure(Stage):
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+def guard_names(policy) -> list[str]:
+    """The guards a policy (cluster.config.GuardPolicy) runs, as decisions name them."""
+    checks = {"prompt_length": policy.max_prompt_chars is not None, "output_length": policy.max_output_tokens is not None,
+              "topic": bool(policy.denied_topics), "pii": policy.pii != "off", "sources": policy.sources is not None}
+    return [guard for guard, on in checks.items() if on] + ["checks"]
 
 
 def _seconds_since(started: float) -> float:

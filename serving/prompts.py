@@ -44,3 +44,8 @@ def last_user_message(messages: list[dict]) -> str:
         if message["role"] == "user":
             return message["content"]
     return ""
+
+_CITE_INSTRUCTION = ("Answer the question using only the numbered context passages below, in JSON: \"answer\", "
+                     "and \"citations\": for each passage used, its number as \"id\" and the exact words it "
+                     "says as \"quote\". If the context does not contain the answer, say so.")
+CITE_CONTEXT = ContextTemplate("rag-cite-strict-v1", _CITE_INSTRUCTION)  # retrieval.cite: strict, chat and completion

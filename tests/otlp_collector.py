@@ -45,6 +45,7 @@ class ReceivedSpan:
     status_code: int
     protocol: str  # GRPC or HTTP: how it reached the collector
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # of its export request, lower-case keys
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, attributes) of each span event
 
     @property
     def component(self) -> str | None:
@@ -138,7 +139,8 @@ class OTLPCollector:
                         parent_span_id=span.parent_span_id.hex(), name=span.name, kind=span.kind,
                         attributes=attributes(span.attributes), resource=resource, scope=scope_spans.scope.name,
                         start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
-                        status_code=span.status.code, protocol=protocol, headers=headers))
+                        status_code=span.status.code, protocol=protocol, headers=headers,
+                        events=tuple((e.name, attributes(e.attributes)) for e in span.events)))
         with self._changed:
             self.requests[protocol] += 1
             self._spans.extend(received)

@@ -23,7 +23,8 @@ def _queries(dashboard: dict) -> list[str]:
 
 
 def _traffic(server: str) -> None:
-    """One answer of each kind the panels chart: base, retrieval, an abstention, an error,
+    """One answer of each kind the panels chart: base, retrieval, an abstention, an error, a
+    structured output (guard decisions are counted from zero for the configured policies),
     feedback with a KPI, and a drift check over enough answers to fill the config's windows."""
     def chat(model: str, **extra) -> httpx.Response:
         body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "K-40 payload?"}], **extra}
@@ -34,6 +35,8 @@ def _traffic(server: str) -> None:
     abstained = chat("tiny-llama", retrieval={"kb": KB, "min_score": 0.99, "no_context": "abstain"}).json()
     assert abstained["abstained"] is True
     assert chat("no-such-model").status_code == 404
+    structured = chat("tiny-llama", response_format={"type": "json_object"})
+    assert structured.status_code == 200, structured.text
     for _ in range(40):  # the session config's drift window is 20 answers
         answered = chat("tiny-llama", max_tokens=1, retrieval={"kb": KB})
     posted = httpx.post(f"{server}/v1/feedback", timeout=60, json={

@@ -28,6 +28,7 @@ class Answer:
     usage: dict
     grounded: bool | None = None  # None: no retrieval asked
     abstained: bool = False
+    attribution: dict | None = None  # cite strict: each citation's quote, verified against its passage
 
 
 class Client:
@@ -50,12 +51,14 @@ class Client:
         return next(m["id"] for m in self.models() if m["parent"] is None)
 
     def chat(self, question: str, model: str, kb: str | None = None, top_k: int | None = None,
-             filters: dict | None = None, max_tokens: int | None = None, temperature: float = 0.0) -> Answer:
+             filters: dict | None = None, max_tokens: int | None = None, temperature: float = 0.0,
+             cite: bool = False) -> Answer:
         body: dict = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": temperature}
         if max_tokens:
             body["max_tokens"] = max_tokens
         if kb:
-            body["retrieval"] = {"kb": kb, **({"top_k": top_k} if top_k else {}), **({"filters": filters} if filters else {})}
+            body["retrieval"] = {"kb": kb, **({"top_k": top_k} if top_k else {}), **({"filters": filters} if filters else {}),
+                                 **({"cite": "strict"} if cite else {})}
         response = self._call("POST", "/v1/chat/completions", json=body)
         data = response.json()
         traceparent = response.headers.get("traceparent", "")
@@ -68,6 +71,7 @@ class Client:
             usage=data.get("usage", {}),
             grounded=data.get("grounded"),
             abstained=bool(data.get("abstained", False)),
+            attribution=(data.get("attribution") or [None])[0],
         )
 
     def retrieve(self, query: str, kb: str, top_k: int | None = None, filters: dict | None = None) -> dict:

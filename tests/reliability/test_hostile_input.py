@@ -40,7 +40,10 @@ CASES = [
     ("too many stops", _chat(stop=["x"] * 100), 400, "stop"),
     ("tools", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "'tools' is not supported"),
     ("logprobs", _chat(logprobs=True, top_logprobs=2), 400, "is not supported"),
-    ("response_format", _chat(response_format={"type": "json_object"}), 400, "'response_format' is not supported"),
+    ("response_format of no known type", _chat(response_format={"type": "xml"}), 400, "response_format.type"),
+    ("json_schema without its schema", _chat(response_format={"type": "json_schema"}), 400, "json_schema is required"),
+    ("a schema that is not one", _chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objekt"}}}), 400, "not a JSON schema"),
     ("two max tokens that differ", _chat(max_tokens=4, max_completion_tokens=5), 400, "max_completion_tokens"),
     ("path in the model", _chat(model="../../x"), 404, "does not exist"),
     ("path after a version", _chat(model="support@v1/../../etc"), 404, "does not exist"),

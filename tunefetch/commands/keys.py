@@ -7,6 +7,7 @@ import time
 from argparse import Namespace
 
 from cluster.config import TunefetchConfig
+from cluster.errors import UserError
 from tunefetch.console import Console
 
 
@@ -20,6 +21,8 @@ def add_parsers(sub, command) -> None:
     p.add_argument("--kbs", default=None, help="knowledge stores it may retrieve from (default: all)")
     p.add_argument("--admin", action="store_true",
                    help="canary actions, the system card, /metrics and every tenant's provenance")
+    p.add_argument("--policy", default=None, help="a guard policy of governance.guards.policies its requests also "
+                                                  "run under (length limits, topics, PII, source allow-list)")
     p.add_argument("--by", default=None, help="who creates it (default: this user)")
     command(kv, "list", "every key with its scope (never a token)", handler=keys_list, json="print JSON")
     p = command(kv, "revoke", "the key stops working on the server's next request", handler=keys_revoke)
@@ -37,8 +40,12 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def keys_create(args: Namespace, config: TunefetchConfig, console: Console) -> int:
+    policies = config.governance.guards.policies
+    if args.policy is not None and args.policy not in policies:
+        raise UserError(f"--policy: no guard policy {args.policy!r} in governance.guards.policies "
+                        f"({', '.join(sorted(policies)) or 'none configured'})")
     key, token = _ring(config).create(args.tenant, _names(args.adapters), _names(args.kbs), args.admin,
-                                      args.by or getpass.getuser())
+                                      args.by or getpass.getuser(), args.policy)
     if args.json:
         console.json({**_public(key), "token": token})
         return 0

@@ -68,3 +68,11 @@ def _show_lineage(record, config: TunefetchConfig, console: Console) -> None:
         parts = [f"{name} {ms:.0f} ms" for name, ms in (("retrieval", record.retrieval_ms),
                                                           ("generation", record.generation_ms)) if ms is not None]
         say(f"  time: {record.latency_ms:.0f} ms in the gateway" + (f" ({', '.join(parts)})" if parts else ""))
+    if record.output_format:
+        say(f"  output: {record.output_format}, schema satisfied: {record.schema_valid}")
+    for report in record.attribution or ():
+        say(f"  citations: {report['verified']} quotes verified, {report['unverified']} not")
+    changed = [d for d in record.guards if d.action != "pass"]
+    if record.guards:
+        say(f"  guards: {len(record.guards)} decisions" + "".join(
+            f"; {d.stage} {d.policy}/{d.guard} {d.action}" + (f" ({d.detail})" if d.detail else "") for d in changed))

@@ -8,6 +8,7 @@ from argparse import Namespace
 from contextlib import contextmanager
 
 from cluster.config import TunefetchConfig
+from cluster.errors import UserError
 from tunefetch.console import Console
 
 
@@ -26,6 +27,8 @@ def add_parsers(sub, command) -> None:
     p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
                    help="retrieval filter (repeatable)")
     p.add_argument("--max-tokens", type=int, default=None, help="answer length limit (default: serving.default_max_tokens)")
+    p.add_argument("--cite", action="store_true", help="with --kb: strict citations (JSON answer whose citations can "
+                                                       "only name retrieved passages; quotes verified)")
     p.add_argument("--url", default=None, help="server URL (default: from serving.host/port)")
 
 
@@ -93,10 +96,12 @@ def query(args: Namespace, config: TunefetchConfig, console: Console) -> int:
     from retrieval.filters import parse_where
     from tunefetch.client import Client
 
+    if args.cite and not args.kb:
+        raise UserError("--cite needs --kb: citations name retrieved passages")
     client = Client.for_config(config, args.url)
     model = args.model or client.base_model()
     answer = client.chat(args.question, model, kb=args.kb, top_k=args.top_k, filters=parse_where(args.where),
-                         max_tokens=args.max_tokens)
+                         max_tokens=args.max_tokens, cite=args.cite)
     show_answer(console, answer)
     return 0
 
@@ -106,4 +111,10 @@ def show_answer(console: Console, answer, indent: str = "") -> None:
     for i, c in enumerate(answer.citations, 1):
         console.result(f"{indent}  [{i}] {c['doc_id']} ({c['section']}) {c['kb']}@v{c['kb_version']} "
                        f"score {c['score']:.3f}")
+    if answer.attribution is not None:
+        console.result(f"{indent}  quotes: {answer.attribution['verified']} verified, "
+                       f"{answer.attribution['unverified']} not")
+    for c in (answer.attribution or {}).get("citations", []):
+        console.result(f"{indent}  cites [{c['index']}] {'verified' if c['verified'] else 'NOT verified'}: "
+                       f"{c['quote'].strip()[:100]!r}")
     console.result(f"{indent}  provenance {answer.provenance_id}  trace {answer.trace_id}")
