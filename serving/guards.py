@@ -10,8 +10,9 @@ redacted. Streams are checked as they go with a hold-back window: text is sent
 caught before any of it leaves.
 
 Several policies may apply to one request (governance.guards.default, the adapter's, the API
-key's): each runs, and every decision (pass included) lands in the provenance record and as a
-span event.
+key's): each runs. Every decision (pass included) is a span event and counts in /metrics; an
+answered request's decisions are also in its provenance record (a refused one has no answer,
+hence no record).
 """
 
 from __future__ import annotations
