@@ -121,6 +121,13 @@ class GuardBook:
         return Guarded([(n, self.config.policies[n]) for n in names], self.topics, self.config.hold_back_chars)
 
 
+def guard_names(policy: GuardPolicy) -> list[str]:
+    """The guards a policy runs, as its decisions name them ("checks": the output pass)."""
+    checks = {"prompt_length": policy.max_prompt_chars is not None, "output_length": policy.max_output_tokens is not None,
+              "topic": bool(policy.denied_topics), "pii": policy.pii != "off", "sources": policy.sources is not None}
+    return [guard for guard, on in checks.items() if on] + ["checks"]
+
+
 def blocked(policy: str, guard: str, message: str) -> APIError:
     return APIError(400, f"refused by guard policy {policy!r} ({guard}): {message}", code=POLICY_VIOLATION)
 

@@ -13,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from serving.answer import Answer
+from serving.guards import guard_names
 from serving.stages import Stage
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -119,13 +120,6 @@ class Measure(Stage):
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
-
-
-def guard_names(policy) -> list[str]:
-    """The guards a policy (cluster.config.GuardPolicy) runs, as decisions name them."""
-    checks = {"prompt_length": policy.max_prompt_chars is not None, "output_length": policy.max_output_tokens is not None,
-              "topic": bool(policy.denied_topics), "pii": policy.pii != "off", "sources": policy.sources is not None}
-    return [guard for guard, on in checks.items() if on] + ["checks"]
 
 
 def _seconds_since(started: float) -> float:

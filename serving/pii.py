@@ -21,7 +21,6 @@ PHONE = re.compile(r"(?<![\w.,/+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{
 _NOT_PHONE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$"  # dates
                         r"|^\d{1,3}(?:\.\d{1,3}){3}$")  # IPv4 addresses
 
-KINDS = ("email", "phone", "card")
 PLACEHOLDER = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]"}
 
 

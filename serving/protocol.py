@@ -51,7 +51,8 @@ class RetrievalOptions(BaseModel):
     on_unavailable: Literal["fail", "answer"] | None = Field(None, description="Overrides serving.rag.on_unavailable.")
     cite: Literal["strict"] | None = Field(
         None, description="strict: the answer is JSON {answer, citations: [{id, quote}]} whose ids can only be the "
-                          "chunk ids retrieved for this request; quotes are checked verbatim against those chunks.")
+                          "numbers of the passages retrieved for this request; quotes are checked verbatim against "
+                          "those passages.")
 
 
 class JsonSchemaFormat(BaseModel):

@@ -223,3 +223,13 @@ def test_guards_bench_times_the_guard_code():
 
     cost = bench_module("guards_bench").guard_code_cost(reps=5)
     assert cost["us_per_answer_check"] > 0 and cost["us_per_prompt_check"] > 0
+
+
+def test_metrics_count_each_configured_guard_from_zero():
+    from serving.metrics import Measure
+
+    measure = Measure()
+    measure.known_guards(GuardsConfig(policies={"a": {"pii": "redact", "max_prompt_chars": 10}, "b": {}}))
+    series = {line.split(" ")[0] for line in measure.text().splitlines() if line.startswith("tunefetch_guard_decisions_total")}
+    assert series == {'tunefetch_guard_decisions_total{action="pass",guard="%s",policy="%s"}' % pair
+                      for pair in [("prompt_length", "a"), ("pii", "a"), ("checks", "a"), ("checks", "b")]}
