@@ -433,6 +433,11 @@ class HomePaths:
         return self.home / "provenance"
 
     @property
+    def refusals(self) -> Path:
+        """Requests a guard refused (no answer, so no provenance record): who, which policy, why."""
+        return self.home / "provenance" / "refusals"
+
+    @property
     def runs(self) -> Path:
         return self.home / "runs"
 

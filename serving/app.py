@@ -38,7 +38,7 @@ def build_app(config: TunefetchConfig, milvus: MilvusAddress) -> Application:
         serving.cache.max_entries if serving.cache.retrieval else None)
     paths = config.paths
     home = {"provenance": str(paths.provenance), "releases": str(paths.releases), "approvals": str(paths.approvals),
-            "keys": str(paths.keys), "feedback": str(paths.feedback)}
+            "keys": str(paths.keys), "feedback": str(paths.feedback), "refusals": str(paths.refusals)}
     return Gateway.options(**deployment_options(serving.gateway)).bind(
         serving, registry, telemetry, config.governance, home, base_model, retriever, generator)
 

@@ -28,7 +28,7 @@ from serving.attribution import Constrain, Verify
 from serving.canary import Outcome
 from serving.feedback import FeedbackEvent, FeedbackLog, FeedbackRequest, feedback_id
 from serving.generator import Generation
-from serving.guards import GuardInput, GuardOutput
+from serving.guards import GuardBook, GuardInput, GuardOutput, feedback_text
 from serving.keys import ApiKey, Forbidden, KeyRing, KeysUnavailable
 from serving.metrics import Measure, only_series
 from serving.prompts import last_user_message
@@ -36,6 +36,7 @@ from serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest
                               openapi,
                               parse_request)
 from serving.provenance import PROVENANCE_ID, ProvenanceLog
+from serving.refusals import RefusalLog
 from serving.releases import ReleaseBook
 from serving.stages import Authorize, CanaryOutcome, Generate, Record, ResolveModel, Retrieve, Shadow, Stage
 from training.approvals import ApprovalStore
@@ -135,6 +136,7 @@ class Gateway:
         self.keys, self.public_metrics = KeyRing(home["keys"]), serving.public_metrics
         self.provenance = ProvenanceLog(home["provenance"])
         self.feedback = FeedbackLog(home["feedback"])
+        self.guards = GuardBook(governance.guards)
         self.monitor = governance.monitor
         self._in_flight: dict[str, Answer] = {}  # provenance id and trace id -> an answer whose record is not written yet
         self.tracer = tracer("tunefetch.gateway")
@@ -149,7 +151,7 @@ class Gateway:
         self.stages: list[Stage] = [
             Authorize(),
             ResolveModel(self.releases),
-            GuardInput(governance.guards, serving.default_max_tokens),
+            GuardInput(self.guards, serving.default_max_tokens, RefusalLog(home["refusals"])),
             Shadow(self.releases, [generate, guard_output], [verify, *recording]),
             self.retrieval,
             Constrain(serving.rag.cite_answer_chars, serving.rag.cite_quote_chars),
@@ -435,10 +437,12 @@ class Gateway:
             raise APIError(400, f"kpis: {unknown[0]!r} is not a configured KPI (governance.monitor.kpis: "
                                 f"{self.monitor.kpis})", code="unknown_kpi")
         answer = await self._answered(body, key)
+        text = feedback_text(self.guards.for_request(answer["adapter"], key),
+                             {"correction": body.correction, "comment": body.comment})
         event = FeedbackEvent(feedback_id=feedback_id(answer["provenance_id"], key.key_id if key else None),
                               provenance_id=answer["provenance_id"], key_id=key.key_id if key else None,
                               tenant=key.tenant if key else None, time=time.time(),
-                              **body.model_dump(include={"score", "label", "correction", "comment", "kpis"}))
+                              **body.model_dump(include={"score", "label", "kpis"}), **text)
         previous = await asyncio.to_thread(self.feedback.upsert, event)
         if previous is None:  # counted once per (answer, key): retries and edits do not inflate the numbers
             self.measure.feedback(answer["model"], answer["arm"], event, self.monitor.negative_feedback_below)

@@ -11,12 +11,14 @@ caught before any of it leaves.
 
 Several policies may apply to one request (governance.guards.default, the adapter's, the API
 key's): each runs. Every decision (pass included) is a span event and counts in /metrics; an
-answered request's decisions are also in its provenance record (a refused one has no answer,
-hence no record).
+answered request's decisions are also in its provenance record, a refused request's in the
+refusal log. Feedback text (a comment, a correction) goes through the same PII policy as
+the request it is about (`feedback_text`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import re
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from cluster.config import GuardPolicy, GuardsConfig
 from serving import pii
 from serving.protocol import APIError
+from serving.refusals import RefusalLog, refusal_record
 from serving.stages import Stage
 
 POLICY_VIOLATION = "policy_violation"
@@ -128,6 +131,25 @@ def guard_names(policy: GuardPolicy) -> list[str]:
     return [guard for guard, on in checks.items() if on] + ["checks"]
 
 
+def feedback_text(guarded: Guarded | None, fields: dict[str, str | None]) -> dict[str, str | None]:
+    """Feedback's free text (comment, correction) under the PII policies of the request it is
+    about: a 400 when one blocks personal data, else redacted when one redacts. Nothing else is
+    checked: a correction may well name a denied topic, that is what it corrects."""
+    modes = {name: policy.pii for name, policy in guarded.policies} if guarded else {}
+    if set(modes.values()) <= {"off"}:
+        return fields
+    counts: dict[str, int] = {}
+    clean = {}
+    for field_name, text in fields.items():
+        clean[field_name], found = pii.redact(text) if text else (text, {})
+        for kind, n in found.items():
+            counts[kind] = counts.get(kind, 0) + n
+    blocking = next((name for name, mode in modes.items() if mode == "block"), None)
+    if counts and blocking:
+        raise blocked(blocking, "pii", f"the feedback contains personal data ({_counted(counts)})")
+    return clean
+
+
 def blocked(policy: str, guard: str, message: str) -> APIError:
     return APIError(400, f"refused by guard policy {policy!r} ({guard}): {message}", code=POLICY_VIOLATION)
 
@@ -155,10 +177,11 @@ def _counted(counts: dict[str, int]) -> str:
 
 
 class GuardInput(Stage):
-    """The input checks (a request stage; see the module docstring)."""
+    """The input checks (a request stage; see the module docstring). A refusal goes into the
+    refusal log (serving/refusals.py): it has no answer, hence no provenance record."""
 
-    def __init__(self, config: GuardsConfig, default_max_tokens: int):
-        self.book, self.default_max_tokens = GuardBook(config), default_max_tokens
+    def __init__(self, book: GuardBook, default_max_tokens: int, refusals: RefusalLog):
+        self.book, self.default_max_tokens, self.refusals = book, default_max_tokens, refusals
 
     async def before(self, answer) -> None:
         guarded = self.book.for_request(answer.adapter.name if answer.adapter else None, answer.key)
@@ -169,7 +192,12 @@ class GuardInput(Stage):
         for name, policy in guarded.policies:
             self._lengths(answer, guarded, name, policy, asked)
             self._topic(answer, guarded, name)
-            self._pii(answer, guarded, name, policy)
+        self._pii(answer, guarded)  # last: every policy sees the prompt as sent
+
+    async def failed(self, answer, error) -> None:
+        decisions = answer.guarded.decisions if answer.guarded else []
+        if getattr(error, "code", None) == POLICY_VIOLATION and decisions and decisions[-1].action == "block":
+            await asyncio.to_thread(self.refusals.append, refusal_record(answer, decisions))
 
     def _lengths(self, answer, guarded: Guarded, name: str, policy: GuardPolicy, asked: int | None) -> None:
         request = answer.request
@@ -195,16 +223,21 @@ class GuardInput(Stage):
             self._block(answer, guarded, name, "topic", f"the request is on the denied topic {topic!r}", topic)
         guarded.decide(answer, Decision("input", name, "topic", "pass"))
 
-    def _pii(self, answer, guarded: Guarded, name: str, policy: GuardPolicy) -> None:
-        if policy.pii == "off":
+    def _pii(self, answer, guarded: Guarded) -> None:
+        """Personal data: refused when any policy blocks it (before another could redact it),
+        else redacted for retrieval, the model, the records and the logs."""
+        modes = [(name, policy.pii) for name, policy in guarded.policies if policy.pii != "off"]
+        if not modes:
             return
         prompt, counts = _redacted_prompt(answer.prompt)
-        if counts and policy.pii == "block":
-            self._block(answer, guarded, name, "pii", f"the request contains personal data ({_counted(counts)})",
-                        _counted(counts))
-        if counts:  # retrieval, the model, the records and the logs see the placeholders only
+        for name, mode in modes:
+            if counts and mode == "block":
+                self._block(answer, guarded, name, "pii", f"the request contains personal data ({_counted(counts)})",
+                            _counted(counts))
+        if counts:
             answer.prompt, answer.query = prompt, pii.redact(answer.query)[0]
-        guarded.decide(answer, Decision("input", name, "pii", "redact" if counts else "pass", _counted(counts)))
+        for name, _ in modes:
+            guarded.decide(answer, Decision("input", name, "pii", "redact" if counts else "pass", _counted(counts)))
 
     @staticmethod
     def _block(answer, guarded: Guarded, name: str, guard: str, message: str, detail: str = "") -> None:

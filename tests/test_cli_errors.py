@@ -78,6 +78,7 @@ def test_query_without_server(bare):
 
 def test_provenance_unknown_id(bare):
     assert_one_line_error(bare("provenance", "show", "prov-nope", check=False), "prov-nope")
+    assert_one_line_error(bare("provenance", "refusals", "--limit", "0", check=False), "--limit")
 
 
 def test_malformed_tunefetch_config(bare, tmp_path):

@@ -9,13 +9,15 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from opentelemetry import trace
 from pydantic import ValidationError
 
 from cluster.config import GuardsConfig, TunefetchConfig
 from serving import pii
 from serving.attribution import cite_schema, schema_valid, verify_quotes
-from serving.guards import CONTENT_FILTER, GuardBook, HoldBack
+from serving.guards import CONTENT_FILTER, GuardBook, GuardInput, HoldBack, feedback_text
 from serving.protocol import APIError
+from serving.refusals import RefusalLog
 
 DETECTED = [
     ("Mail me at jane.doe+x@example.co.uk please", {"email": 1}, "Mail me at [EMAIL] please"),
@@ -200,18 +202,27 @@ def test_control_characters_in_structured_output_are_escaped_not_lost():
     assert json.loads(json_escaped(raw)) == {"product": "dock\x08 station\n", "kg": 3}
 
 
-def test_the_strictest_output_limit_wins_and_a_lowered_default_is_not_an_ask():
-    from serving.guards import GuardInput
+def _request(config: GuardsConfig, log: RefusalLog, prompt: str, max_tokens=None, adapter=None, key=None):
+    """Runs GuardInput on a request as the gateway would (`failed` on a refusal); the answer."""
+    answer = SimpleNamespace(adapter=adapter, key=key, request=SimpleNamespace(max_tokens=max_tokens, model="m", stream=False),
+                             prompt={"messages": [{"role": "user", "content": prompt}]}, query=prompt, model="m",
+                             span=trace.INVALID_SPAN)
+    stage = GuardInput(GuardBook(config), 64, log)
+    try:
+        asyncio.run(stage.before(answer))
+    except APIError as error:
+        asyncio.run(stage.failed(answer, error))
+        raise
+    return answer
 
+
+def test_the_strictest_output_limit_wins_and_a_lowered_default_is_not_an_ask(tmp_path):
     config = GuardsConfig(policies={"wide": {"max_output_tokens": 100}, "narrow": {"max_output_tokens": 20}},
                           default="wide", adapters={"a": "narrow"})
     adapter = SimpleNamespace(name="a")
 
     def run(max_tokens):
-        answer = SimpleNamespace(adapter=adapter, key=None, request=SimpleNamespace(max_tokens=max_tokens),
-                                 prompt={"text": "hi"}, query="hi", span=SimpleNamespace(add_event=lambda *a: None))
-        asyncio.run(GuardInput(config, default_max_tokens=64).before(answer))
-        return answer.request.max_tokens
+        return _request(config, RefusalLog(tmp_path), "hi", max_tokens, adapter).request.max_tokens
 
     assert run(None) == 20 and run(10) == 10
     with pytest.raises(APIError, match="policy 'narrow' \\(output_length\\): max_tokens 50 exceeds the limit of 20"):
@@ -233,3 +244,49 @@ def test_metrics_count_each_configured_guard_from_zero():
     series = {line.split(" ")[0] for line in measure.text().splitlines() if line.startswith("tunefetch_guard_decisions_total")}
     assert series == {'tunefetch_guard_decisions_total{action="pass",guard="%s",policy="%s"}' % pair
                       for pair in [("prompt_length", "a"), ("pii", "a"), ("checks", "a"), ("checks", "b")]}
+
+
+# -- refusals and feedback text ---------------------------------------------------------------
+MIXED = GuardsConfig(policies={"soft": {"pii": "redact"}, "hard": {"pii": "block"}, "topics":
+                               {"denied_topics": {"weapons": ["explosives?"]}}}, default="soft")
+
+
+def test_a_blocking_policy_refuses_personal_data_another_would_only_redact(tmp_path):
+    log = RefusalLog(tmp_path)
+    prompt = "Mail jane.roe@example.org about the dock"
+    soft = _request(MIXED, log, prompt)  # the default alone redacts
+    assert soft.prompt["messages"][0]["content"] == "Mail [EMAIL] about the dock" and log.recent() == []
+    key = SimpleNamespace(key_id="k1", tenant="acme", policy="hard")
+    with pytest.raises(APIError, match="policy 'hard' \\(pii\\)"):  # redacting first must not hide it from "hard"
+        _request(MIXED, log, prompt, key=key)
+    [refusal] = log.recent()
+    assert (refusal.policy, refusal.guard, refusal.detail, refusal.key_id, refusal.tenant) == ("hard", "pii", "1 email",
+                                                                                              "k1", "acme")
+    assert [(d.policy, d.action) for d in refusal.guards] == [("hard", "block")]
+    assert refusal.prompt_chars == len(prompt) and "jane" not in (tmp_path / next(tmp_path.iterdir()).name).read_text()
+
+
+def test_refusals_are_listed_newest_first_and_a_bad_line_is_skipped(tmp_path):
+    log = RefusalLog(tmp_path)
+    key = SimpleNamespace(key_id="k2", tenant="t", policy="topics")
+    for question in ["How are explosives stored?", "Explosive cargo rules?"]:
+        with pytest.raises(APIError):
+            _request(MIXED, log, question, key=key)
+    _request(MIXED, log, "How are batteries stored?", key=key)  # passes: not logged
+    with next(tmp_path.iterdir()).open("a") as fh:
+        fh.write("{not json\n")
+    refusals = log.recent()
+    assert [r.guard for r in refusals] == ["topic", "topic"] and refusals[0].time >= refusals[1].time
+    assert refusals[0].prompt_sha256 != refusals[1].prompt_sha256 and log.recent(1) == refusals[:1]
+
+
+def test_feedback_text_follows_the_pii_policy_of_its_request():
+    book = GuardBook(MIXED)
+    text = {"correction": "Call +44 20 7946 0958", "comment": None}
+    assert feedback_text(book.for_request(None, None), dict(text)) == {"correction": "Call [PHONE]", "comment": None}
+    hard = book.for_request(None, SimpleNamespace(key_id="k", policy="hard"))
+    with pytest.raises(APIError, match="policy 'hard' \\(pii\\): the feedback contains personal data \\(1 phone\\)"):
+        feedback_text(hard, dict(text))
+    assert feedback_text(hard, {"correction": "explosives are not stocked", "comment": "ok"}) == {
+        "correction": "explosives are not stocked", "comment": "ok"}  # topics do not apply to feedback
+    assert feedback_text(None, dict(text)) == text

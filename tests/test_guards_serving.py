@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -209,8 +210,8 @@ def test_a_key_bound_to_an_unknown_policy_cannot_be_created(cli):
     assert failed.returncode != 0 and "no guard policy 'nope'" in failed.stderr and "strict" in failed.stderr
 
 
-def test_input_guards_refuse_what_they_should_and_pass_the_rest(server, keys, collector):
-    strict = keys["strict"]
+def test_input_guards_refuse_what_they_should_and_pass_the_rest(server, keys, collector, cli):
+    strict, started = keys["strict"], time.time()
     too_long = post(server, "/v1/chat/completions", chat_body("x" * 401, max_tokens=4), strict)
     refused(too_long, "strict", "prompt_length")
     [span] = collector.wait_for(lambda s: s.name == "chat" and s.trace_id == too_long.headers["traceparent"].split("-")[1])
@@ -236,6 +237,13 @@ def test_input_guards_refuse_what_they_should_and_pass_the_rest(server, keys, co
                                                                "denied_topics=weapons; pii=redact")
     metrics = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {keys['admin']}"}).text
     assert re.search(r'tunefetch_guard_decisions_total\{action="block",guard="topic",policy="strict"\} 1', metrics)
+    # Each refusal is in the audit trail under the trace id its 400 carried; the passes are not.
+    trail = json.loads(cli("provenance", "refusals", "--limit", "50", "--json").stdout)
+    mine = {r["trace_id"]: r for r in trail if r["policy"] == "strict" and r["time"] >= started}
+    long_refusal = mine[too_long.headers["traceparent"].split("-")[1]]
+    assert (long_refusal["guard"], long_refusal["prompt_chars"], long_refusal["tenant"]) == ("prompt_length", 401, "guarded")
+    assert sorted(r["guard"] for r in mine.values()) == ["output_length", "prompt_length", "topic"]
+    assert "strict/topic\tweapons\t" in cli("provenance", "refusals").stdout
 
 
 PERSONAL = {"jane.roe@example.org": "[EMAIL]", "+44 20 7946 0958": "[PHONE]", "4111 1111 1111 1111": "[CARD]"}
@@ -261,6 +269,17 @@ def test_pii_is_redacted_before_retrieval_the_model_and_every_record(server, hom
     shown = cli("provenance", "show", responses[0].json()["provenance_id"]).stdout
     assert "; input strict/pii redact (1 card, 1 email, 1 phone)" in shown, shown
     refused(post(server, "/v1/chat/completions", chat_body(question, max_tokens=4), keys["nopii"]), "nopii", "pii")
+    # Feedback about an answer goes through its request's PII policy: redacted here ...
+    about = {"provenance_id": responses[0].json()["provenance_id"], "score": 0.2}
+    sent = post(server, "/v1/feedback", about | {"comment": "Reply to jane.roe@example.org",
+                                                  "correction": "Card 4111 1111 1111 1111 is on file"}, keys["strict"])
+    assert sent.status_code == 200, sent.text
+    stored = [json.loads(line) for f in sorted((home / "feedback").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert {"comment": "Reply to [EMAIL]", "correction": "Card [CARD] is on file"}.items() <= stored[-1].items()
+    # ... and refused, with nothing stored, for a key whose policy blocks personal data.
+    plain = post(server, "/v1/chat/completions", chat_body("How do I store battery packs?", max_tokens=4), keys["nopii"])
+    refused(post(server, "/v1/feedback", {"provenance_id": plain.json()["provenance_id"], "score": 0.1,
+                                          "comment": "call +44 20 7946 0958"}, keys["nopii"]), "nopii", "pii")
     leaks = [str(p) for p in session_files(home) for value in PERSONAL
              if value.encode() in p.read_bytes()]
     assert leaks == []  # provenance, feedback, logs (ours, Serve's, vLLM's): none holds the raw values

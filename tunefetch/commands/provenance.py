@@ -19,22 +19,45 @@ def add_parsers(sub, command) -> None:
     p = command(pv, "show", "one record: adapter -> training run -> dataset; chunks -> sources",
                 handler=provenance_show, json="print the record as JSON")
     p.add_argument("id", help="a provenance id (prov-...), as answers carry it")
+    p = command(pv, "refusals", "requests a guard policy refused, newest first (they have no answer, so no record)",
+                handler=provenance_refusals, json="print JSON")
+    p.add_argument("--limit", type=int, default=20, help="refusals to show (default: 20)")
 
 
 def provenance_list(args: Namespace, config: TunefetchConfig, console: Console) -> int:
     from serving.provenance import ProvenanceLog
 
+    def line(r) -> str:
+        return f"{r.provenance_id}\t{_when(r.time)}\t{r.answered_by}\t{r.retrieval.collection if r.retrieval else '-'}"
+
+    return _newest(args, console, ProvenanceLog(config.paths.provenance), line)
+
+
+def provenance_refusals(args: Namespace, config: TunefetchConfig, console: Console) -> int:
+    from serving.refusals import RefusalLog
+
+    def line(r) -> str:
+        who = f"{r.tenant}/{r.key_id}" if r.key_id else "-"
+        return f"{r.trace_id or '-'}\t{_when(r.time)}\t{r.policy}/{r.guard}\t{r.detail}\t{r.model}\t{who}"
+
+    return _newest(args, console, RefusalLog(config.paths.refusals), line)
+
+
+def _newest(args: Namespace, console: Console, log, line) -> int:
+    """`--limit` entries of an append-only log, newest first: one line each, or JSON."""
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
-    records = ProvenanceLog(config.paths.provenance).recent(args.limit)
+    records = log.recent(args.limit)
     if args.json:
         console.json([r.model_dump(mode="json") for r in records])
-        return 0
-    for r in records:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
-        kb = r.retrieval.collection if r.retrieval else "-"
-        console.result(f"{r.provenance_id}\t{when}\t{r.answered_by}\t{kb}")
+    else:
+        for r in records:
+            console.result(line(r))
     return 0
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def provenance_show(args: Namespace, config: TunefetchConfig, console: Console) -> int:
